@@ -1,0 +1,6 @@
+"""Attack registry. Importing this package registers every attack."""
+
+from .base import DEFAULT_TOOLKIT, REGISTRY, Attack, AttackSpec, get_attack, input_gradient, parse_attack_list
+from . import kfgsm  # noqa: F401  (registers)
+
+__all__ = ["Attack", "AttackSpec", "REGISTRY", "DEFAULT_TOOLKIT", "get_attack", "parse_attack_list", "input_gradient"]

@@ -1,0 +1,232 @@
+"""``robustbench-knn``: train, evaluate, list attacks, search the recipe, benchmark speed.
+
+Bad input gives one line on stderr and exit code 2, with nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from fractions import Fraction
+from typing import Any, Sequence
+
+from .config import ExperimentConfig, UsageError, get_model_config
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        raise UsageError(message)
+
+
+def parse_eps(text: str) -> list[float]:
+    """'8/255,16/255' or '0.031' → floats in [0, 1]."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            val = float(Fraction(part)) if "/" in part else float(part)
+        except (ValueError, ZeroDivisionError):
+            raise UsageError(f"malformed eps {part!r}: use e.g. 8/255 or 0.031") from None
+        if not 0 <= val <= 1 or val != val:
+            raise UsageError(f"eps {part!r} must be in [0, 1] (pixel units)")
+        out.append(val)
+    if not out:
+        raise UsageError("--eps needs at least one value")
+    return out
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(cfg: ExperimentConfig, sets: Sequence[str]) -> ExperimentConfig:
+    """--set section.field=value (e.g. train.lr=1e-4, model.w_r=64, k=5)."""
+    sections: dict[str, Any] = {}
+    for item in sets:
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set needs key=value, got {item!r}")
+        section, _, field = key.partition(".")
+        if field:
+            if section not in ("model", "loss", "train") or field not in getattr(cfg, section).__dataclass_fields__:
+                raise UsageError(f"unknown setting {key!r}")
+            sections.setdefault(section, {})[field] = _parse_value(val)
+        elif section == "k":
+            sections["k"] = int(val)
+        else:
+            raise UsageError(f"unknown setting {key!r}")
+    out = cfg.replace(**sections)
+    out.validate()
+    return out
+
+
+def _model_config(args: argparse.Namespace) -> ExperimentConfig:
+    cfg = get_model_config(args.model)
+    sets = list(args.set or [])
+    if args.epochs is not None:
+        sets.append(f"train.epochs={args.epochs}")
+    if args.seed is not None:
+        sets.append(f"train.seed={args.seed}")
+    if args.n_train is not None:
+        sets.append(f"train.n_train={args.n_train}")
+    return apply_overrides(cfg, sets)
+
+
+def _attack_overrides(items: Sequence[str], specs: list[Any]) -> dict[str, dict[str, Any]]:
+    """--attack-param kfgsm.steps=100 (name as in --attacks)."""
+    from .attacks import get_attack
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        name, _, param = key.rpartition(".")
+        if not sep or not name:
+            raise UsageError(f"--attack-param needs attack.param=value, got {item!r}")
+        spec = get_attack(name)
+        if spec.key not in {s.key for s in specs}:
+            raise UsageError(f"--attack-param names {name!r}, which is not in --attacks")
+        if param not in spec.defaults:
+            raise UsageError(f"attack {spec.key} has no parameter {param!r}; it takes {', '.join(spec.defaults)}")
+        out.setdefault(spec.key, {})[param] = _parse_value(val)
+    return out
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="full", help="full, a, b, c, d, e, untrained, untrained-mlp")
+    p.add_argument("--data-dir", help="folder holding cifar-10-batches-py (else $ROBUSTBENCH_KNN_DATA, else cache)")
+    p.add_argument("--cache-dir", help="model cache (else $ROBUSTBENCH_KNN_CACHE, else the user cache dir)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--n-train", type=int, help="train on the first N training images only")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.lr=1e-4, k=5")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="robustbench-knn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train a model (cached by config hash)")
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="clean and robust accuracy, judged by the real k-NN decision")
+    _common(p)
+    p.add_argument("--attacks", default="kfgsm", help="comma list; `robustbench-knn attacks` lists names")
+    p.add_argument("--attack-param", action="append", default=[], metavar="ATTACK.PARAM=VALUE")
+    p.add_argument("--eps", default="8/255,16/255", help="comma list, e.g. 8/255,16/255 or 0.031")
+    p.add_argument("--n-test", type=int, default=1000, help="first N test images are attacked")
+    p.add_argument("--n-clean", type=int, help="first N test images for clean accuracy (default: all)")
+    p.add_argument("--surrogate", default="potential", help="potential or softknn")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--out", default="results", help="folder for the results JSON and CSV")
+
+    sub.add_parser("attacks", help="list attack names, toolkits and parameters")
+
+    p = sub.add_parser("search", help="search the recipe choices the paper leaves open, on a validation split")
+    p.add_argument("--variants", default="all")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--val-size", type=int, default=5000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="tables/recipe_search")
+    p.add_argument("--data-dir")
+    p.add_argument("--cache-dir")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("bench", help="speed figures: training vs matmul GFLOP/s, k-NN 10k×50k, attack steps/s")
+    p.add_argument("--model", default="full")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--repeats", type=int, default=3)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .data import load_cifar10
+    from .train import train_model
+
+    cfg = _model_config(args)
+    trained = train_model(cfg, load_cifar10(args.data_dir), device=args.device, cache_dir=args.cache_dir,
+                          progress=not args.quiet)
+    print(f"{cfg.name}: {trained.path} ({trained.log['train_seconds']:.0f} s of training)")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from tabulate import tabulate
+
+    from .attacks import parse_attack_list
+    from .benchmark import benchmark, save_results, summary_frame
+    from .surrogate import SURROGATES
+
+    cfg = _model_config(args)
+    specs = parse_attack_list(args.attacks)
+    eps = parse_eps(args.eps)
+    overrides = _attack_overrides(args.attack_param, specs)
+    if args.surrogate not in SURROGATES:
+        raise UsageError(f"unknown surrogate {args.surrogate!r}; choose from {', '.join(SURROGATES)}")
+    if args.n_test < 1 or (args.n_clean is not None and args.n_clean < 1) or args.batch_size < 1:
+        raise UsageError("--n-test, --n-clean and --batch-size must be >= 1")
+    result = benchmark(cfg, specs, eps, n_test=args.n_test, n_clean=args.n_clean, data_dir=args.data_dir,
+                       cache_dir=args.cache_dir, device=args.device, seed=args.seed or 0, surrogate=args.surrogate,
+                       overrides=overrides, batch_size=args.batch_size, progress=not args.quiet)
+    path = save_results(result, args.out)
+    print(f"{result['dataset']}, model {cfg.name}: clean k-NN accuracy {result['clean_acc_full']:.2f}% "
+          f"on {result['n_clean']} test images; attacks on the first {result['n_test']}")
+    print(tabulate(summary_frame(result), headers="keys", tablefmt="github", showindex=False))
+    if result["rejected_attacks"]:
+        print("REJECTED (returned examples outside the threat model): " + ", ".join(result["rejected_attacks"]))
+    print(f"results: {path}")
+
+
+def cmd_attacks(args: argparse.Namespace) -> None:
+    from tabulate import tabulate
+
+    from .attacks import DEFAULT_TOOLKIT, REGISTRY
+
+    rows = [[s.key, "yes" if DEFAULT_TOOLKIT.get(s.name) == s.toolkit else "", json.dumps(s.defaults), s.description]
+            for s in REGISTRY.values()]
+    print(tabulate(rows, headers=["attack", "default for name", "parameters", "description"], tablefmt="github"))
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from .data import load_cifar10
+    from .search import VARIANTS, run_search
+
+    names = list(VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(",")]
+    for n in names:
+        if n not in VARIANTS:
+            raise UsageError(f"unknown variant {n!r}; choose from {', '.join(VARIANTS)}")
+    df = run_search(load_cifar10(args.data_dir), names, epochs=args.epochs, val_size=args.val_size, out=args.out,
+                    device=args.device, cache_dir=args.cache_dir, seed=args.seed)
+    print(df.to_markdown(index=False))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import run_bench
+
+    res = run_bench(get_model_config(args.model), device=args.device, repeats=args.repeats)
+    for k, v in res.items():
+        print(f"{k:32s} {v:.4g}" if isinstance(v, float) else f"{k:32s} {v}")
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "attacks": cmd_attacks, "search": cmd_search,
+            "bench": cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"robustbench-knn: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("robustbench-knn: interrupted (finished work is cached; run again to resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

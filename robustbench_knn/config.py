@@ -1,0 +1,168 @@
+"""The one place for defaults: the paper's hyper-parameters (§3.1) and the recipe choices it leaves open.
+
+Every experiment is an :class:`ExperimentConfig`; its hash names the cached checkpoint, so any change of
+a setting trains a new model instead of silently reusing an old one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class UsageError(ValueError):
+    """Bad user input: reported as one line on stderr with exit code 2 by the CLI."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture (§2.2). Defaults are the paper's FULL model."""
+
+    w_r: int = 2048  # width of the "rest" part of the state
+    n_spaces: int = 2  # N_S
+    d: int = 15  # dimension of each embedding space
+    n_dec: int = 3  # Dec_1..Dec_3
+    identity_init: bool = True  # IdRes layers (zero-init residual branch) vs plain random-init dense layers
+    share_dec: bool = True  # Dec_1..3 share one set of parameters
+    head: str = "embedding"  # "embedding" (exp-contrastive + k-NN) or "logits" (10 classes, cross-entropy)
+    branch_depth: int = 1  # dense layers per residual branch: f(x) = W·relu(x) + b for depth 1
+    ots_activation: str = "none"  # activation after OtS: "none" or "relu" (the paper does not say)
+    n_classes: int = 10
+
+    @property
+    def w_p(self) -> int:
+        """W_P = N_S·d, the embedding width."""
+        return self.n_spaces * self.d
+
+    @property
+    def out_dim(self) -> int:
+        return self.w_p if self.head == "embedding" else self.n_classes
+
+    def validate(self) -> None:
+        if self.head not in ("embedding", "logits"):
+            raise UsageError(f"head must be 'embedding' or 'logits', not {self.head!r}")
+        if self.ots_activation not in ("none", "relu"):
+            raise UsageError(f"ots_activation must be 'none' or 'relu', not {self.ots_activation!r}")
+        if min(self.w_r, self.n_spaces, self.d, self.n_dec, self.branch_depth) < 1:
+            raise UsageError("model widths, depths and counts must be >= 1")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Exponential contrastive loss constants (§2.1, §3.1)."""
+
+    lam: float = 0.5  # λ
+    l0: float = 7.0  # l_0
+    k_mu: float = 0.25  # Kμ
+    # "mean" divides the printed regulariser by B; see losses.exp_contrastive_loss for why it is the default.
+    reg_reduction: str = "mean"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training. epochs, batch size and noise are the paper's; optimiser and schedule are the paper's open choices."""
+
+    epochs: int = 20
+    batch_size: int = 2048
+    noise: bool = True  # Δ = 2X−5, X ~ Binomial(5, 0.5), on the normalised image, training only
+    optimizer: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3
+    schedule: str = "constant"  # constant | cosine | onecycle
+    warmup_frac: float = 0.0  # fraction of steps with linear warm-up (cosine/onecycle)
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # SGD only
+    seed: int = 0
+    val_size: int = 0  # hold out the last val_size training images (for the recipe search; never the test set)
+    n_train: int | None = None  # use only the first n_train training images (tests, CI gate)
+    trained: bool = True  # False: keep the initialisation (§3.5 "untrained")
+
+    def validate(self) -> None:
+        if self.optimizer not in ("adam", "adamw", "sgd"):
+            raise UsageError(f"optimizer must be adam, adamw or sgd, not {self.optimizer!r}")
+        if self.schedule not in ("constant", "cosine", "onecycle"):
+            raise UsageError(f"schedule must be constant, cosine or onecycle, not {self.schedule!r}")
+        if self.epochs < 0 or self.batch_size < 2 or self.lr <= 0:
+            raise UsageError("epochs must be >= 0, batch size >= 2 and lr > 0")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A trainable model: architecture + loss + training + k-NN."""
+
+    name: str = "full"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    k: int = 800  # k of the k-NN vote
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ExperimentConfig":
+        return cls(
+            name=d["name"],
+            model=ModelConfig(**d["model"]),
+            loss=LossConfig(**d["loss"]),
+            train=TrainConfig(**d["train"]),
+            k=d["k"],
+        )
+
+    def config_hash(self) -> str:
+        """Hash of everything that changes the trained weights (not the name, not k: k only affects voting)."""
+        d = self.to_dict()
+        d.pop("name")
+        d.pop("k")
+        blob = json.dumps(d, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def replace(self, **sections: Any) -> "ExperimentConfig":
+        """Copy with some fields of the sections changed: replace(train={"epochs": 2}, k=5)."""
+        kw: dict[str, Any] = {}
+        for key, val in sections.items():
+            if isinstance(val, dict):
+                kw[key] = dataclasses.replace(getattr(self, key), **val)
+            else:
+                kw[key] = val
+        return dataclasses.replace(self, **kw)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.train.validate()
+        if self.loss.reg_reduction not in ("mean", "sum"):
+            raise UsageError(f"reg_reduction must be 'mean' or 'sum', not {self.loss.reg_reduction!r}")
+        if self.k < 1:
+            raise UsageError("k must be >= 1")
+
+
+def _rows() -> dict[str, ExperimentConfig]:
+    """Table 2 rows (§3.4) and §3.5. A and B are the 5-layer CE baselines."""
+    base = ExperimentConfig()
+    plain = {"identity_init": False}
+    return {
+        "full": base,
+        "e": base.replace(name="e", model={"share_dec": False}),
+        "d": base.replace(name="d", model={**plain, "share_dec": True}),
+        "c": base.replace(name="c", model={**plain, "share_dec": False}),
+        "b": base.replace(name="b", model={"share_dec": False, "head": "logits"}),
+        "a": base.replace(name="a", model={**plain, "share_dec": False, "head": "logits"}),
+        # §3.5: random OtS, identity-initialised Dec/CL, no training, k-NN.
+        "untrained": base.replace(name="untrained", train={"trained": False}),
+        # §3.5 comparison: a random 5-layer MLP of width 2078 with a 10-class head, untrained.
+        "untrained-mlp": base.replace(
+            name="untrained-mlp", model={**plain, "share_dec": False, "head": "logits"}, train={"trained": False}
+        ),
+    }
+
+
+MODELS: dict[str, ExperimentConfig] = _rows()
+
+
+def get_model_config(name: str) -> ExperimentConfig:
+    try:
+        return MODELS[name.lower()]
+    except KeyError:
+        raise UsageError(f"unknown model {name!r}; choose from {', '.join(MODELS)}") from None

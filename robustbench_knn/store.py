@@ -1,0 +1,90 @@
+"""Cache of trained models: safetensors + JSON, written atomically, loaded without executing pickled code."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ExperimentConfig
+
+CACHE_ENV = "ROBUSTBENCH_KNN_CACHE"
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    if cache_dir or os.environ.get(CACHE_ENV):
+        return Path(cache_dir or os.environ[CACHE_ENV]).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("robustbench-knn"))
+
+
+def model_dir(cfg: ExperimentConfig, cache_dir: str | os.PathLike | None = None) -> Path:
+    return cache_root(cache_dir) / "models" / f"{cfg.name}-{cfg.config_hash()}"
+
+
+def _atomic(path: Path, write) -> None:  # noqa: ANN001 - write(tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    def w(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+
+    _atomic(Path(path), w)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    def w(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+
+    _atomic(Path(path), w)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic(Path(path), lambda tmp: save_file(flat, tmp))
+
+
+def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    return load_file(str(path), device=str(device))
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state as flat tensors + JSON-able param groups (safetensors cannot hold nested dicts)."""
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for name, val in state.items():
+            tensors[f"opt.{idx}.{name}"] = val if torch.is_tensor(val) else torch.tensor(val)
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, val in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = val
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny synthetic CIFAR-shaped data in the official layout and a tiny trained model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from robustbench_knn.config import ExperimentConfig, LossConfig, ModelConfig, TrainConfig
+from robustbench_knn.data import BATCH_DIR, Split, load_cifar10, write_batches
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+# Small enough to train in seconds on a CPU; the loss constants are the paper's.
+TINY_CFG = ExperimentConfig(
+    name="tiny",
+    model=ModelConfig(w_r=32, n_spaces=2, d=3),
+    loss=LossConfig(),
+    train=TrainConfig(epochs=12, batch_size=100, lr=1e-3),
+    k=5,
+)
+TINY_SETS = ["model.w_r=32", "model.d=3", "train.epochs=12", "train.batch_size=100", "train.lr=1e-3", "k=5"]
+
+
+def make_tiny_split(n_per_class: int, protos: torch.Tensor, gen: torch.Generator) -> Split:
+    y = torch.arange(10).repeat_interleave(n_per_class)
+    y = y[torch.randperm(len(y), generator=gen)]
+    x = (protos[y] + 0.2 * torch.randn(len(y), 3, 32, 32, generator=gen)).clamp(0, 1)
+    return Split((x * 255).round().to(torch.uint8), y)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 well-separated classes (a random binary prototype image each + pixel noise), 400 train / 100 test."""
+    gen = torch.Generator().manual_seed(0)
+    protos = (torch.rand(10, 3, 32, 32, generator=gen) > 0.5).float()
+    root = tmp_path_factory.mktemp("tinydata")
+    write_batches(root, make_tiny_split(40, protos, gen), make_tiny_split(10, protos, gen))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_data_dir: Path):
+    return load_cifar10(tiny_data_dir, download=False)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_data, cache_dir):
+    from robustbench_knn.train import train_model
+
+    return train_model(TINY_CFG, tiny_data, device="cpu", cache_dir=cache_dir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_clf(tiny_trained):
+    from robustbench_knn.classifier import build_classifier
+
+    return build_classifier(tiny_trained)
+
+
+@pytest.fixture(scope="session")
+def real_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CIFAR-10 (JPEG q75): $ROBUSTBENCH_KNN_DATA if it holds the batches, else decoded from ../shared.
+
+    Never skipped: CI has ../shared, and a missing data set must fail loudly.
+    """
+    env = os.environ.get("ROBUSTBENCH_KNN_DATA")
+    if env and (Path(env) / BATCH_DIR / "test_batch").is_file():
+        return Path(env)
+    script = SHARED / "make_cifar10.py"
+    if not script.is_file():
+        pytest.fail(f"real-data tests need {script} (../shared beside the checkout) or $ROBUSTBENCH_KNN_DATA")
+    root = tmp_path_factory.mktemp("cifar")
+    subprocess.run([sys.executable, str(script), str(root)], check=True, capture_output=True)
+    return root

@@ -1,0 +1,111 @@
+import pytest
+import torch
+
+from robustbench_knn.attacks import Attack, AttackSpec, get_attack, parse_attack_list
+from robustbench_knn.config import UsageError
+from robustbench_knn.evaluate import check_adversarial, run_attacks
+
+
+def _test_batch(tiny_data, n=40):
+    sub = tiny_data.test.head(n)
+    return sub.floats(), sub.y
+
+
+def test_tiny_model_learns(tiny_clf, tiny_data):
+    x, y = _test_batch(tiny_data, 100)
+    assert (tiny_clf.predict(x) == y).float().mean() > 0.8
+
+
+def test_surrogate_argmax_agrees_with_knn(tiny_clf, tiny_data):
+    x, _ = _test_batch(tiny_data, 100)
+    with torch.no_grad():
+        agree = (tiny_clf(x).argmax(1) == tiny_clf.predict(x)).float().mean()
+    assert agree >= 0.8
+
+
+@pytest.mark.parametrize("eps", [2 / 255, 8 / 255])
+def test_kfgsm_stays_in_ball_and_raises_loss(tiny_clf, tiny_data, eps):
+    x, y = _test_batch(tiny_data)
+    x_adv = get_attack("kfgsm").build(tiny_clf, eps)(x, y)
+    rep = check_adversarial(x, x_adv, eps)
+    assert rep.ok and rep.max_linf <= eps + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():
+        before, after = tiny_clf.attack_objective(x, y), tiny_clf.attack_objective(x_adv, y)
+    assert (after >= before - 1e-6).float().mean() > 0.9 and after.mean() > before.mean()
+
+
+def test_kfgsm_large_eps_breaks_tiny_model(tiny_clf, tiny_data):
+    x, y = _test_batch(tiny_data)
+    res = run_attacks(tiny_clf, x, y, [get_attack("kfgsm")], [0.0, 64 / 255], progress=False)
+    clean, big = res["per_eps"][0], res["per_eps"][1]
+    assert clean["attacks"]["native:kfgsm"]["robust_acc"] == clean["clean_acc"]  # ε = 0 changes nothing
+    assert big["attacks"]["native:kfgsm"]["robust_acc"] < clean["clean_acc"] - 30
+
+
+class _OutOfBall(Attack):
+    name = "cheat"
+
+    def perturb(self, x, y):
+        return (x + 3 * self.eps).clamp(0, 1)
+
+
+class _NaN(Attack):
+    name = "nan"
+
+    def perturb(self, x, y):
+        out = x.clone()
+        out[0, 0, 0, 0] = float("nan")
+        return out
+
+
+def test_invalid_attacks_are_rejected_not_clipped(tiny_clf, tiny_data):
+    x, y = _test_batch(tiny_data, 20)
+    specs = [AttackSpec("cheat", "test", _OutOfBall), AttackSpec("nan", "test", _NaN), get_attack("kfgsm")]
+    res = run_attacks(tiny_clf, x, y, specs, [8 / 255], progress=False)
+    atk = res["per_eps"][0]["attacks"]
+    assert not atk["test:cheat"]["valid"] and atk["test:cheat"]["violations"]["n_out_of_ball"] > 0
+    assert "robust_acc" not in atk["test:cheat"]
+    assert not atk["test:nan"]["valid"] and atk["test:nan"]["violations"]["n_nonfinite"] == 1
+    assert atk["native:kfgsm"]["valid"]
+    assert len(res["rejected_attacks"]) == 2
+
+
+def test_worst_case_is_per_sample_and_below_each_attack(tiny_clf, tiny_data):
+    x, y = _test_batch(tiny_data)
+    specs = [get_attack("kfgsm")]
+    weak = {"native:kfgsm": {"steps": 1}}
+    res = run_attacks(tiny_clf, x, y, specs, [16 / 255], overrides=weak, progress=False)
+    r = res["per_eps"][0]
+    robust = torch.tensor(r["attacks"]["native:kfgsm"]["robust"], dtype=torch.bool)
+    worst = torch.tensor(r["worst_case_robust"], dtype=torch.bool)
+    clean = torch.tensor(res["clean_correct"], dtype=torch.bool)
+    assert torch.equal(worst, robust & clean)
+    assert r["worst_case_acc"] <= r["attacks"]["native:kfgsm"]["robust_acc"] <= r["clean_acc"]
+
+
+def test_zero_gradient_is_counted(tiny_clf, tiny_data):
+    """Points far from every bank point make e^{-λD} underflow: the paper's loss has zero gradient there."""
+    x, y = _test_batch(tiny_data, 10)
+
+    class Far(torch.nn.Module):
+        def forward(self, z):
+            return tiny_clf.net(z) * 1e4
+
+    from robustbench_knn.classifier import KNNClassifier
+
+    far = KNNClassifier(Far(), tiny_clf.bank, tiny_clf.bank_labels, tiny_clf.cfg)
+    res = run_attacks(far, x, y, [get_attack("kfgsm")], [8 / 255], progress=False)
+    assert res["per_eps"][0]["attacks"]["native:kfgsm"]["zero_or_nonfinite_grad_frac"] == 1.0
+    res = run_attacks(tiny_clf, x, y, [get_attack("kfgsm")], [8 / 255], progress=False)
+    assert res["per_eps"][0]["attacks"]["native:kfgsm"]["zero_or_nonfinite_grad_frac"] < 1.0
+
+
+def test_registry_names_and_errors():
+    assert get_attack("kfgsm").key == get_attack("native:kfgsm").key == "native:kfgsm"
+    with pytest.raises(UsageError):
+        get_attack("nope")
+    with pytest.raises(UsageError):
+        parse_attack_list(" , ")
+    with pytest.raises(UsageError):
+        get_attack("kfgsm").build(None, 0.1, stepz=3)

@@ -1,0 +1,79 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from robustbench_knn.cli import main, parse_eps
+from robustbench_knn.config import UsageError
+
+from .conftest import TINY_SETS
+
+
+def _sets():
+    return [a for s in TINY_SETS for a in ("--set", s)]
+
+
+def test_parse_eps():
+    assert parse_eps("8/255,16/255") == pytest.approx([8 / 255, 16 / 255])
+    assert parse_eps("0.031") == [0.031]
+    for bad in ("8/0", "abc", "-0.1", "2", ""):
+        with pytest.raises(UsageError):
+            parse_eps(bad)
+
+
+def test_train_then_evaluate_end_to_end(tiny_data_dir, tmp_path, capsys):
+    common = ["--data-dir", str(tiny_data_dir), "--cache-dir", str(tmp_path / "cache"), "--quiet", *_sets()]
+    assert main(["train", "--model", "full", *common]) == 0
+    out_dir = tmp_path / "out"
+    rc = main(["evaluate", "--model", "full", "--attacks", "kfgsm", "--eps", "8/255,0.1", "--n-test", "30",
+               "--out", str(out_dir), *common])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "native:kfgsm" in printed and "clean k-NN accuracy" in printed
+    files = list(out_dir.glob("*.json"))
+    assert len(files) == 1 and len(list(out_dir.glob("*.csv"))) == 1
+    res = json.loads(files[0].read_text())
+    assert res["n_test"] == 30 and res["n_clean"] == 100 and res["eps"] == pytest.approx([8 / 255, 0.1])
+    assert res["dataset_sha256"] and res["config"]["k"] == 5 and "torch" in res["versions"]
+    assert len(res["per_eps"][0]["attacks"]["native:kfgsm"]["robust"]) == 30
+    assert res["clean_acc_full"] > 80
+    for r in res["per_eps"]:
+        assert r["attacks"]["native:kfgsm"]["robust_acc"] <= r["clean_acc"]
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["evaluate", "--model", "zzz"], "unknown model"),
+    (["evaluate", "--attacks", "kfgsm,nope"], "unknown attack"),
+    (["evaluate", "--eps", "8/x"], "malformed eps"),
+    (["evaluate", "--eps=-1/255"], "must be in [0, 1]"),
+    (["evaluate", "--n-test", "0"], "--n-test"),
+    (["evaluate", "--attack-param", "kfgsm.stepz=3"], "no parameter"),
+    (["train", "--set", "train.lr"], "key=value"),
+    (["evaluate", "--bogus-flag"], "unrecognized"),
+])
+def test_bad_input_one_line_exit_2(args, msg, tmp_path, tiny_data_dir):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "robustbench_knn", *args, "--data-dir", str(tiny_data_dir),
+                           "--cache-dir", str(tmp_path / "c"), *(["--out", str(out)] if args[0] == "evaluate" else [])],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and msg in lines[0] and "Traceback" not in proc.stderr
+    assert not out.exists() and not (tmp_path / "c").exists()  # nothing half-written
+
+
+def test_missing_data_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    from robustbench_knn import data
+
+    monkeypatch.setattr(data, "_online", lambda *a, **k: False)
+    rc = main(["evaluate", "--data-dir", str(tmp_path / "nothing"), "--cache-dir", str(tmp_path / "c"),
+               "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "make_cifar10.py" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_attacks_lists_registry(capsys):
+    assert main(["attacks"]) == 0
+    assert "native:kfgsm" in capsys.readouterr().out
