@@ -37,6 +37,7 @@ class ValidityReport:
         return self.n_nonfinite == 0 and self.n_out_of_box == 0 and self.n_out_of_ball == 0
 
 
+@torch.no_grad()
 def check_adversarial(x: torch.Tensor, x_adv: torch.Tensor, eps: float) -> ValidityReport:
     if x_adv.shape != x.shape:
         raise AttackViolation(f"attack returned shape {tuple(x_adv.shape)} for input {tuple(x.shape)}")

@@ -2,5 +2,6 @@
 
 from .base import DEFAULT_TOOLKIT, REGISTRY, Attack, AttackSpec, get_attack, input_gradient, parse_attack_list
 from . import kfgsm  # noqa: F401  (registers)
+from .. import adapters  # noqa: F401,E402  (registers the toolkit attacks)
 
 __all__ = ["Attack", "AttackSpec", "REGISTRY", "DEFAULT_TOOLKIT", "get_attack", "parse_attack_list", "input_gradient"]

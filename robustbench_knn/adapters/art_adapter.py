@@ -1,0 +1,62 @@
+"""adversarial-robustness-toolbox (prefix ``art:``): a ``PyTorchClassifier`` over the classifier's logits.
+Defaults: PGD as torchattacks (10 steps, ε/4, random start); APGD 100 iterations, 1 restart, initial step
+2ε (AutoAttack's); Square 5000 queries; ART's AutoAttack with its default attack list."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from art.attacks.evasion import AutoAttack, AutoProjectedGradientDescent, ProjectedGradientDescentPyTorch, SquareAttack
+from art.estimators.classification import PyTorchClassifier
+
+from ..attacks.base import Attack, register
+
+
+def art_estimator(model: torch.nn.Module) -> PyTorchClassifier:
+    return PyTorchClassifier(model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=(3, 32, 32),
+                             nb_classes=model.n_classes, clip_values=(0.0, 1.0),
+                             device_type="gpu" if model.device.type == "cuda" else "cpu")
+
+
+class ARTAttack(Attack):
+    toolkit = "art"
+    gradient_source: str | None = "logits"
+
+    def __init__(self, model: torch.nn.Module, eps: float, *, build: Callable[..., Any], **params: Any) -> None:
+        super().__init__(model, eps, **params)
+        self.build = build
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seed = self.params.get("seed", 0)
+        np.random.seed(seed)  # ART draws random starts and Square's squares from numpy's global generator
+        atk = self.build(art_estimator(self.model), self.eps, len(x), **self.params)
+        x_adv = atk.generate(x=x.detach().cpu().numpy(), y=y.detach().cpu().numpy())
+        return torch.from_numpy(x_adv).to(x.device, x.dtype)
+
+
+def _register(name: str, defaults: dict[str, Any], description: str, build: Callable[..., Any],
+              gradient_free: bool = False) -> None:
+    cls = type(f"ART_{name}", (ARTAttack,), {"name": name, "gradient_source": None if gradient_free else "logits"})
+    register(name, "art", {**defaults, "seed": 0}, description)(lambda model, eps, **p: cls(model, eps, build=build, **p))
+
+
+_register("pgd", {"steps": 10, "step_ratio": 0.25, "random_start": True}, "ART ProjectedGradientDescentPyTorch",
+          lambda est, eps, bs, steps, step_ratio, random_start, seed: ProjectedGradientDescentPyTorch(
+              est, norm=np.inf, eps=eps, eps_step=eps * step_ratio, max_iter=steps, num_random_init=int(random_start),
+              batch_size=bs, verbose=False))
+_register("apgd", {"steps": 100, "n_restarts": 1}, "ART AutoProjectedGradientDescent, CE loss",
+          lambda est, eps, bs, steps, n_restarts, seed: AutoProjectedGradientDescent(
+              est, norm=np.inf, eps=eps, eps_step=2 * eps, max_iter=steps, nb_random_init=n_restarts, batch_size=bs,
+              loss_type="cross_entropy", verbose=False))
+_register("apgd-dlr", {"steps": 100, "n_restarts": 1}, "ART AutoProjectedGradientDescent, DLR loss",
+          lambda est, eps, bs, steps, n_restarts, seed: AutoProjectedGradientDescent(
+              est, norm=np.inf, eps=eps, eps_step=2 * eps, max_iter=steps, nb_random_init=n_restarts, batch_size=bs,
+              loss_type="difference_logits_ratio", verbose=False))
+_register("square", {"n_queries": 5000, "p_init": 0.8, "n_restarts": 1}, "ART SquareAttack",
+          lambda est, eps, bs, n_queries, p_init, n_restarts, seed: SquareAttack(
+              est, norm=np.inf, eps=eps, max_iter=n_queries, p_init=p_init, nb_restarts=n_restarts, batch_size=bs,
+              verbose=False), gradient_free=True)
+_register("autoattack", {}, "ART AutoAttack (its default attack list)",
+          lambda est, eps, bs, seed: AutoAttack(est, norm=np.inf, eps=eps, eps_step=eps / 4, batch_size=bs))

@@ -1,0 +1,54 @@
+"""torchattacks (prefix ``ta:``). Defaults: torchattacks' own for PGD/BIM (10 steps, α = ε/4, i.e. 2/255 at
+8/255); AutoAttack's standard settings for APGD, APGD-T, FAB-T and Square (100 iterations, 9 target
+classes, 5000 queries)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torchattacks as ta
+
+from ..attacks.base import Attack, register
+
+
+class TorchattacksAttack(Attack):
+    toolkit = "ta"
+    gradient_source: str | None = "logits"
+
+    def __init__(self, model: torch.nn.Module, eps: float, *, build: Callable[..., Any], **params: Any) -> None:
+        super().__init__(model, eps, **params)
+        self.atk = build(model, self.eps, **params)
+        self.atk.set_device(model.device)
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.atk(x, y)
+
+
+def _register(name: str, defaults: dict[str, Any], description: str, build: Callable[..., Any],
+              gradient_free: bool = False) -> None:
+    cls = type(f"TA_{name}", (TorchattacksAttack,), {"name": name, "gradient_source": None if gradient_free else "logits"})
+    register(name, "ta", defaults, description)(lambda model, eps, **p: cls(model, eps, build=build, **p))
+
+
+N = 10  # classes
+
+_register("pgd", {"steps": 10, "step_ratio": 0.25, "random_start": True}, "torchattacks.PGD (Madry et al.)",
+          lambda m, eps, steps, step_ratio, random_start: ta.PGD(m, eps=eps, alpha=eps * step_ratio, steps=steps,
+                                                                 random_start=random_start))
+_register("bim", {"steps": 10, "step_ratio": 0.25}, "torchattacks.BIM",
+          lambda m, eps, steps, step_ratio: ta.BIM(m, eps=eps, alpha=eps * step_ratio, steps=steps))
+_register("apgd", {"steps": 100, "n_restarts": 1, "seed": 0}, "torchattacks.APGD, CE loss",
+          lambda m, eps, **p: ta.APGD(m, norm="Linf", eps=eps, loss="ce", **p))
+_register("apgd-dlr", {"steps": 100, "n_restarts": 1, "seed": 0}, "torchattacks.APGD, DLR loss",
+          lambda m, eps, **p: ta.APGD(m, norm="Linf", eps=eps, loss="dlr", **p))
+_register("apgd-t", {"steps": 100, "n_restarts": 1, "seed": 0}, "torchattacks.APGDT (9 target classes)",
+          lambda m, eps, **p: ta.APGDT(m, norm="Linf", eps=eps, n_classes=N, **p))
+_register("fab-t", {"steps": 100, "n_restarts": 1, "seed": 0}, "torchattacks.FAB, multi-targeted (9 targets)",
+          lambda m, eps, **p: ta.FAB(m, norm="Linf", eps=eps, multi_targeted=True, n_classes=N, **p))
+_register("square", {"n_queries": 5000, "n_restarts": 1, "p_init": 0.8, "seed": 0}, "torchattacks.Square (margin loss)",
+          lambda m, eps, **p: ta.Square(m, norm="Linf", eps=eps, **p), gradient_free=True)
+_register("autoattack", {"seed": 0}, "torchattacks.AutoAttack, standard",
+          lambda m, eps, seed: ta.AutoAttack(m, norm="Linf", eps=eps, version="standard", n_classes=N, seed=seed))
+_register("autoattack-plus", {"seed": 0}, "torchattacks.AutoAttack, plus",
+          lambda m, eps, seed: ta.AutoAttack(m, norm="Linf", eps=eps, version="plus", n_classes=N, seed=seed))

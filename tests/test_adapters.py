@@ -1,0 +1,82 @@
+"""Every toolkit attack runs through its adapter; toolkits agree on an undefended model; surrogates have gradients."""
+
+import pytest
+import torch
+
+from robustbench_knn.attacks import REGISTRY, get_attack
+from robustbench_knn.classifier import build_classifier
+from robustbench_knn.evaluate import bad_gradient_mask, check_adversarial, run_attacks
+from robustbench_knn.train import train_model
+
+from robustbench_knn.data import load_cifar10, write_batches
+
+from .conftest import TINY_CFG, make_tiny_split
+
+# cheap settings so every attack runs in seconds on the tiny model (the defaults are the published ones)
+CHEAP = {"steps": 5, "n_queries": 30}
+
+
+def _cheap(spec):
+    return {k: v for k, v in CHEAP.items() if k in spec.defaults}
+
+
+@pytest.mark.parametrize("key", sorted(REGISTRY))
+def test_every_registered_attack_returns_valid_examples(key, tiny_clf, tiny_data):
+    spec = REGISTRY[key]
+    sub = tiny_data.test.head(12)
+    x, y = sub.floats(), sub.y
+    eps = 8 / 255
+    x_adv = spec.build(tiny_clf, eps, **_cheap(spec))(x, y)
+    rep = check_adversarial(x, x_adv, eps)
+    assert rep.ok, (key, rep)
+    pred = tiny_clf.predict(x_adv)
+    assert pred.shape == y.shape
+
+
+@pytest.fixture(scope="module")
+def hard_data(tmp_path_factory):
+    """Low-contrast classes (prototypes 0.45/0.55): an undefended MLP is breakable at 8/255."""
+    gen = torch.Generator().manual_seed(0)
+    protos = 0.45 + 0.1 * (torch.rand(10, 3, 32, 32, generator=gen) > 0.5).float()
+    root = tmp_path_factory.mktemp("hard")
+    write_batches(root, make_tiny_split(40, protos, gen), make_tiny_split(10, protos, gen))
+    return load_cifar10(root, download=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_mlp(hard_data, cache_dir):
+    cfg = TINY_CFG.replace(name="tiny-a", model={"head": "logits", "identity_init": False, "share_dec": False},
+                           train={"epochs": 20, "noise": False})
+    return build_classifier(train_model(cfg, hard_data, device="cpu", cache_dir=cache_dir, progress=False))
+
+
+@pytest.mark.parametrize("pair", [("ta:pgd", "art:pgd"), ("ta:apgd", "aa:apgd")])
+def test_same_attack_through_two_toolkits_agrees_on_undefended_mlp(pair, tiny_mlp, hard_data):
+    sub = hard_data.test
+    specs = [get_attack(k) for k in pair]
+    res = run_attacks(tiny_mlp, sub.floats(), sub.y, specs, [8 / 255], progress=False)
+    r = res["per_eps"][0]
+    a, b = (r["attacks"][k]["robust_acc"] for k in pair)
+    assert r["clean_acc"] > 80
+    assert a < r["clean_acc"] - 20  # the attack does something here
+    assert abs(a - b) <= 8, (pair, a, b)
+
+
+@pytest.mark.parametrize("surrogate", ["potential", "softknn"])
+def test_surrogates_have_nonzero_input_gradients(surrogate, tiny_trained, tiny_data):
+    clf = build_classifier(tiny_trained, surrogate)
+    sub = tiny_data.test.head(30)
+    logits = clf(sub.floats())
+    assert logits.shape == (30, 10) and torch.isfinite(logits).all()
+    bad = bad_gradient_mask(clf, get_attack("ta:pgd").build(clf, 0.03), sub.floats(), sub.y)
+    assert bad.float().mean() < 0.1
+
+
+def test_softknn_logits_are_log_space_and_agree_with_knn(tiny_trained, tiny_data):
+    clf = build_classifier(tiny_trained, "softknn", m=5, temperature=0.1)
+    x = tiny_data.test.floats()
+    with torch.no_grad():
+        agree = (clf(x).argmax(1) == clf.predict(x)).float().mean()
+    assert agree > 0.8
+    far = build_classifier(tiny_trained, "softknn", m=5, temperature=1e-3)  # would underflow outside log-space
+    assert torch.isfinite(far(x[:5])).all()
