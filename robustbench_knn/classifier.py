@@ -113,17 +113,19 @@ class LogitClassifier(BaseClassifier):
         return F.cross_entropy(self.net(x), y, reduction="none")
 
 
-def build_classifier(trained: TrainedModel, surrogate: str = "potential", **surrogate_options: float
-                     ) -> BaseClassifier:
-    """Wrap a trained model; the k-NN bank (embeddings of the training images) is cached beside the weights."""
+def build_classifier(trained: TrainedModel, surrogate: str = "potential", *, cache_bank: bool = True,
+                     **surrogate_options: float) -> BaseClassifier:
+    """Wrap a trained model; the k-NN bank (embeddings of the training images) is cached beside the weights
+    (``cache_bank=False`` for a network whose weights differ from the cached checkpoint)."""
     net = trained.net
     if trained.cfg.model.head == "logits":
         return LogitClassifier(net)
     dev = next(net.parameters()).device
     bank_file = trained.path / "bank.safetensors"
-    if bank_file.is_file():
+    if cache_bank and bank_file.is_file():
         bank = load_tensors(bank_file, dev)["bank"]
     else:
         bank = embed_images(net, trained.train_split.x)
-        save_tensors(bank_file, {"bank": bank})
+        if cache_bank:
+            save_tensors(bank_file, {"bank": bank})
     return KNNClassifier(net, bank, trained.train_split.y.to(dev), trained.cfg, surrogate, **surrogate_options)

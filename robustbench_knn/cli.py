@@ -136,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir")
     p.add_argument("--device", default="auto")
 
+    p = sub.add_parser("gate", help="CI gate: fail when robust accuracy regresses or the attacks get weaker")
+    p.add_argument("--baseline", default="tables/gate_baseline.json")
+    p.add_argument("--update-baseline", action="store_true", help="rewrite the baseline (needs --message)")
+    p.add_argument("--message", help="why the baseline is rewritten (stored in the file)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="also write the current results JSON here")
+    p.add_argument("--data-dir")
+    p.add_argument("--cache-dir")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+
     p = sub.add_parser("bench", help="speed figures: training vs matmul GFLOP/s, k-NN 10k×50k, attack steps/s")
     p.add_argument("--model", default="full")
     p.add_argument("--device", default="auto")
@@ -203,6 +214,54 @@ def cmd_search(args: argparse.Namespace) -> None:
     print(df.to_markdown(index=False))
 
 
+def cmd_gate(args: argparse.Namespace) -> int:
+    import datetime
+    from pathlib import Path
+
+    from tabulate import tabulate
+
+    from .data import load_cifar10
+    from .gate import GateConfig, check_baseline, compare, run_gate
+    from .store import read_json, write_json
+
+    gcfg = GateConfig(seed=args.seed)
+    baseline_path = Path(args.baseline)
+    if args.update_baseline and not args.message:
+        raise UsageError("--update-baseline needs --message saying why the baseline changes")
+    if not args.update_baseline:
+        if not baseline_path.is_file():
+            raise UsageError(f"no gate baseline at {baseline_path}; create one with --update-baseline --message ...")
+        baseline = read_json(baseline_path)
+        check_baseline(baseline, gcfg)
+    current = run_gate(gcfg, load_cifar10(args.data_dir), device=args.device, cache_dir=args.cache_dir,
+                       progress=not args.quiet)
+    if args.out:
+        write_json(args.out, current)
+    if args.update_baseline:
+        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        write_json(baseline_path, {**current, "message": args.message, "updated": stamp})
+        print(f"gate baseline written to {baseline_path} ({current['wall_seconds']:.0f} s): {args.message}")
+        return 0
+    findings = compare(baseline, current, gcfg.tol_acc, gcfg.tol_points)
+    rows = []
+    for which in ("model", "reference"):
+        b, c = baseline[which], current[which]
+        rows.append([which, "clean", b["clean_acc"], c["clean_acc"]])
+        rows += [[which, k, a["robust_acc"], c["attacks"][k]["robust_acc"]] for k, a in b["attacks"].items()
+                 if k in c["attacks"]]
+        rows.append([which, "worst case", b["worst_case_acc"], c["worst_case_acc"]])
+    print(tabulate(rows, headers=["model", "metric", "baseline %", "current %"], tablefmt="github"))
+    print(f"tolerance: {gcfg.tol_acc} points of accuracy, {gcfg.tol_points} lost breaks; "
+          f"wall time {current['wall_seconds']:.0f} s")
+    if findings:
+        print("GATE FAILED")
+        print(tabulate([f.row for f in findings], headers=["check", "what", "baseline", "current", "allowed"],
+                       tablefmt="github"))
+        return 1
+    print("GATE PASSED")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import run_bench
 
@@ -212,20 +271,20 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "attacks": cmd_attacks, "search": cmd_search,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "gate": cmd_gate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        COMMANDS[args.command](args)
+        rc = COMMANDS[args.command](args)
     except UsageError as e:
         print(f"robustbench-knn: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("robustbench-knn: interrupted (finished work is cached; run again to resume)", file=sys.stderr)
         return 130
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

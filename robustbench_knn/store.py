@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ExperimentConfig
@@ -62,13 +63,20 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(fh)
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:
+    """Tensors (and optional JSON metadata in the same file, so the two can never disagree)."""
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic(Path(path), lambda tmp: save_file(flat, tmp))
+    metadata = {"json": json.dumps(meta)} if meta is not None else None
+    _atomic(Path(path), lambda tmp: save_file(flat, tmp, metadata=metadata))
 
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     return load_file(str(path), device=str(device))
+
+
+def load_meta(path: str | os.PathLike) -> dict[str, Any]:
+    with safe_open(str(path), framework="pt") as fh:
+        return json.loads((fh.metadata() or {})["json"])
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -21,8 +21,8 @@ from .config import ExperimentConfig
 from .data import CIFAR10, Split, pixel_stats, to_float
 from .losses import exp_contrastive_loss
 from .model import IdResNet
-from .store import (load_tensors, model_dir, optimizer_tensors, read_json, restore_optimizer, save_tensors,
-                    write_json)
+from .store import (load_meta, load_tensors, model_dir, optimizer_tensors, read_json, restore_optimizer,
+                    save_tensors, write_json)
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -128,7 +128,7 @@ def train_model(
     start_epoch = 0
     if partial.is_file() and t.trained:  # resume: weights, optimizer state, RNG state, log
         tensors = load_tensors(partial, dev)
-        meta = read_json(path / "partial.json")
+        meta = load_meta(partial)
         net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         restore_optimizer(opt, {k: v for k, v in tensors.items() if k.startswith("opt.")}, meta)
         gen.set_state(tensors["rng"].cpu())
@@ -162,12 +162,10 @@ def train_model(
         if epoch + 1 < t.epochs:
             opt_t, opt_meta = optimizer_tensors(opt)
             tensors = {**{f"net.{k}": v for k, v in net.state_dict().items()}, **opt_t, "rng": gen.get_state()}
-            save_tensors(partial, tensors)
-            write_json(path / "partial.json", {**opt_meta, "epoch": epoch + 1, "log": log})
+            save_tensors(partial, tensors, meta={**opt_meta, "epoch": epoch + 1, "log": log})
     net.eval()
-    save_tensors(final, net.state_dict())
     write_json(path / "config.json", cfg.to_dict())
     write_json(path / "train_log.json", log)
-    for f in (partial, path / "partial.json"):
-        f.unlink(missing_ok=True)
+    save_tensors(final, net.state_dict())  # last: its presence marks a finished model
+    partial.unlink(missing_ok=True)
     return TrainedModel(cfg, net, fit, val, log, path)

@@ -45,6 +45,16 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def hard_data(tmp_path_factory: pytest.TempPathFactory):
+    """Low-contrast classes (prototypes 0.45/0.55): an undefended MLP is breakable at 8/255."""
+    gen = torch.Generator().manual_seed(0)
+    protos = 0.45 + 0.1 * (torch.rand(10, 3, 32, 32, generator=gen) > 0.5).float()
+    root = tmp_path_factory.mktemp("hard")
+    write_batches(root, make_tiny_split(40, protos, gen), make_tiny_split(10, protos, gen))
+    return load_cifar10(root, download=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tiny_data_dir: Path):
     return load_cifar10(tiny_data_dir, download=False)
 

@@ -8,9 +8,7 @@ from robustbench_knn.classifier import build_classifier
 from robustbench_knn.evaluate import bad_gradient_mask, check_adversarial, run_attacks
 from robustbench_knn.train import train_model
 
-from robustbench_knn.data import load_cifar10, write_batches
-
-from .conftest import TINY_CFG, make_tiny_split
+from .conftest import TINY_CFG
 
 # cheap settings so every attack runs in seconds on the tiny model (the defaults are the published ones)
 CHEAP = {"steps": 5, "n_queries": 30}
@@ -31,16 +29,6 @@ def test_every_registered_attack_returns_valid_examples(key, tiny_clf, tiny_data
     assert rep.ok, (key, rep)
     pred = tiny_clf.predict(x_adv)
     assert pred.shape == y.shape
-
-
-@pytest.fixture(scope="module")
-def hard_data(tmp_path_factory):
-    """Low-contrast classes (prototypes 0.45/0.55): an undefended MLP is breakable at 8/255."""
-    gen = torch.Generator().manual_seed(0)
-    protos = 0.45 + 0.1 * (torch.rand(10, 3, 32, 32, generator=gen) > 0.5).float()
-    root = tmp_path_factory.mktemp("hard")
-    write_batches(root, make_tiny_split(40, protos, gen), make_tiny_split(10, protos, gen))
-    return load_cifar10(root, download=False)
 
 
 @pytest.fixture(scope="module")

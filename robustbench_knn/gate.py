@@ -1,0 +1,134 @@
+"""CI gate: a fixed-seed, CPU-sized benchmark compared with a committed baseline.
+
+It fails (exit 1) when
+1. the model regresses: its clean, per-attack or worst-case robust accuracy falls below the baseline by
+   more than the tolerance;
+2. the evaluation regresses (weaker attacks make every model look better): the reference model's robust
+   accuracy rises above its baseline by more than the tolerance, or an attack no longer breaks more than
+   ``tol_points`` of the reference points it broke in the baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .attacks import get_attack
+from .classifier import build_classifier
+from .config import ExperimentConfig, UsageError, get_model_config
+from .data import CIFAR10
+from .evaluate import run_attacks, versions
+from .train import train_model
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    n_train: int = 5000  # first N training images
+    epochs: int = 6
+    batch_size: int = 500
+    k: int = 100  # k ≤ the bank; 800 would vote over 16% of a 5000-image bank
+    n_test: int = 300
+    eps: float = 8 / 255
+    attacks: tuple[str, ...] = ("kfgsm", "aa:apgd")
+    seed: int = 0
+    model: str = "full"
+    reference: str = "a"  # an undefended CE MLP: attacks must keep breaking it
+    tol_acc: float = 2.0  # percentage points; see README "CI gate" for the measured variation behind it
+    tol_points: int = 3  # previously broken points an attack may fail to break again
+    attack_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    config_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {"model": {"w_r": 32}} (tests)
+
+    def experiment(self, which: str) -> ExperimentConfig:
+        base = get_model_config(self.model if which == "model" else self.reference)
+        train = {"n_train": self.n_train, "epochs": self.epochs, "batch_size": self.batch_size, "seed": self.seed}
+        cfg = base.replace(name=f"gate-{base.name}", k=self.k, train=train)
+        return cfg.replace(**self.config_overrides) if self.config_overrides else cfg
+
+
+def run_gate(gcfg: GateConfig, data: CIFAR10, *, device: str = "auto", cache_dir: str | None = None,
+             perturb_model: float = 0.0, progress: bool = False) -> dict[str, Any]:
+    """Train (cached) and evaluate the model and the reference. ``perturb_model`` adds Gaussian noise of that
+    relative size to the model's weights (used to plant a model regression)."""
+    t0 = time.perf_counter()
+    specs = [get_attack(a) for a in gcfg.attacks]
+    overrides = {get_attack(k).key: v for k, v in gcfg.attack_overrides.items()}
+    sub = data.test.head(gcfg.n_test)
+    out: dict[str, Any] = {"settings": _settings(gcfg), "versions": versions()}
+    for which in ("model", "reference"):
+        trained = train_model(gcfg.experiment(which), data, device=device, cache_dir=cache_dir, progress=progress)
+        if which == "model" and perturb_model:
+            gen = torch.Generator().manual_seed(1234)
+            with torch.no_grad():
+                for p in trained.net.parameters():
+                    noise = torch.randn(p.shape, generator=gen).to(p.device)
+                    p.add_(noise * perturb_model * (p.std() if p.numel() > 1 else p.abs()))
+        clf = build_classifier(trained, cache_bank=not (which == "model" and perturb_model))
+        torch.manual_seed(gcfg.seed)
+        res = run_attacks(clf, sub.floats(), sub.y, specs, [gcfg.eps], overrides=overrides, progress=progress)
+        r = res["per_eps"][0]
+        clean = torch.tensor(res["clean_correct"], dtype=torch.bool)
+        out[which] = {
+            "clean_acc": r["clean_acc"], "worst_case_acc": r["worst_case_acc"],
+            "attacks": {k: {"robust_acc": a["robust_acc"],
+                            "broken": [i for i, (c, rob) in enumerate(zip(clean.tolist(), a["robust"])) if c and not rob]}
+                        for k, a in r["attacks"].items()},
+        }
+    out["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def _settings(gcfg: GateConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(gcfg)
+    d["attacks"] = list(gcfg.attacks)
+    return d
+
+
+@dataclass
+class Finding:
+    check: str  # "model regression" | "evaluation regression"
+    what: str
+    baseline: float
+    current: float
+    limit: str
+
+    @property
+    def row(self) -> list[Any]:
+        return [self.check, self.what, self.baseline, self.current, self.limit]
+
+
+def compare(baseline: dict[str, Any], current: dict[str, Any], tol_acc: float, tol_points: int) -> list[Finding]:
+    """Every way ``current`` is worse than ``baseline`` beyond the tolerances (empty: pass)."""
+    found: list[Finding] = []
+    bm, cm = baseline["model"], current["model"]
+    for name, b, c in [("model clean", bm["clean_acc"], cm["clean_acc"]),
+                       ("model worst case", bm["worst_case_acc"], cm["worst_case_acc"])] + \
+            [(f"model {k}", bm["attacks"][k]["robust_acc"], cm["attacks"][k]["robust_acc"])
+             for k in bm["attacks"] if k in cm["attacks"]]:
+        if c < b - tol_acc:
+            found.append(Finding("model regression", name, b, c, f">= {b - tol_acc:.2f}"))
+    br, cr = baseline["reference"], current["reference"]
+    for k in br["attacks"]:
+        if k not in cr["attacks"]:
+            found.append(Finding("evaluation regression", f"reference {k} missing", br["attacks"][k]["robust_acc"],
+                                 float("nan"), "present"))
+            continue
+        b, c = br["attacks"][k]["robust_acc"], cr["attacks"][k]["robust_acc"]
+        if c > b + tol_acc:
+            found.append(Finding("evaluation regression", f"reference {k} robust acc", b, c, f"<= {b + tol_acc:.2f}"))
+    # Broken sets are compared on the reference only: on the model under test they move whenever the model does.
+    for k, a in br["attacks"].items():
+        if k in cr["attacks"]:
+            lost = set(a["broken"]) - set(cr["attacks"][k]["broken"])
+            if len(lost) > tol_points:
+                found.append(Finding("evaluation regression", f"reference {k}: baseline breaks no longer found",
+                                     len(a["broken"]), len(a["broken"]) - len(lost), f"<= {tol_points} lost"))
+    return found
+
+
+def check_baseline(baseline: dict[str, Any], gcfg: GateConfig) -> None:
+    if baseline.get("settings", {}).get("attacks") != list(gcfg.attacks):
+        raise UsageError("the gate baseline was made with other settings; rerun with --update-baseline --message ...")
