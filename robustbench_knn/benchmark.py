@@ -16,7 +16,7 @@ from .classifier import build_classifier
 from .config import ExperimentConfig, UsageError
 from .data import DATASET_LABEL, load_cifar10
 from .evaluate import run_attacks, versions
-from .store import write_json, write_text
+from .store import model_dir, write_json, write_text
 from .train import resolve_device, train_model
 
 DATASET_NAME = f"{DATASET_LABEL} (JPEG q75)"
@@ -39,7 +39,10 @@ def benchmark(
     out_dir: str | os.PathLike | None = None,
     dataset_name: str = DATASET_NAME,
     progress: bool = True,
+    resume: bool = True,
 ) -> dict[str, Any]:
+    """Train (or load) ``cfg``, measure clean k-NN accuracy on ``n_clean`` test images, attack the first
+    ``n_test``. With ``resume`` every finished (ε, attack) result is cached beside the model and reused."""
     if n_test < 1 or (n_clean is not None and n_clean < 1):
         raise UsageError("--n-test and --n-clean must be >= 1")
     t_start = time.perf_counter()
@@ -52,10 +55,10 @@ def benchmark(
     clean_x = data.test.head(n_clean)
     clean_pred = torch.cat([clf.predict(clean_x.floats()[i:i + 2000]).cpu() for i in range(0, n_clean, 2000)])
     clean_acc = 100 * (clean_pred == clean_x.y).float().mean().item()
-    torch.manual_seed(seed)  # attacks with random starts draw from the global generator
     sub = data.test.head(n_test)
+    cells = cell_dir(cfg, surrogate, data.sha256, cache_dir) if resume else None
     attacked = run_attacks(clf, sub.floats(), sub.y, specs, eps_list, overrides=overrides,
-                           batch_size=batch_size, progress=progress)
+                           batch_size=batch_size, progress=progress, seed=seed, cell_dir=cells)
     result = {
         "model": cfg.name, "config": cfg.to_dict(), "config_hash": cfg.config_hash(),
         "dataset": dataset_name, "dataset_sha256": data.sha256, "n_clean": n_clean,
@@ -67,6 +70,11 @@ def benchmark(
     if out_dir is not None:
         save_results(result, out_dir)
     return result
+
+
+def cell_dir(cfg: ExperimentConfig, surrogate: str, dataset_sha: str, cache_dir: str | None = None) -> Path:
+    """Where finished (ε, attack) results of one model + surrogate live (k changes the decision: it is in the name)."""
+    return model_dir(cfg, cache_dir) / "cells" / f"k{cfg.k}-{surrogate}-{dataset_sha[:8]}"
 
 
 def summary_frame(result: dict[str, Any]) -> pd.DataFrame:

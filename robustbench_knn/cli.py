@@ -11,7 +11,7 @@ import sys
 from fractions import Fraction
 from typing import Any, Sequence
 
-from .config import ExperimentConfig, UsageError, get_model_config
+from .config import STANDARD_SUITE, ExperimentConfig, UsageError, get_model_config
 
 
 class _Parser(argparse.ArgumentParser):
@@ -126,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("attacks", help="list attack names, toolkits and parameters")
 
+    p = sub.add_parser("toolkits", help="every standard attack through every toolkit and surrogate, with the worst case")
+    _common(p)
+    p.add_argument("--attacks", default=",".join(STANDARD_SUITE), help="attack names (all toolkits of each are run)")
+    p.add_argument("--surrogates", default="potential,softknn")
+    p.add_argument("--eps", default="8/255,16/255")
+    p.add_argument("--n-test", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--out", default="tables/toolkits", help="folder for toolkits.{md,csv,json} and the cached cells")
+
     p = sub.add_parser("search", help="search the recipe choices the paper leaves open, on a validation split")
     p.add_argument("--variants", default="all")
     p.add_argument("--epochs", type=int)
@@ -142,10 +151,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--message", help="why the baseline is rewritten (stored in the file)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the current results JSON here")
+    p.add_argument("--plant", help="self-test: run with a planted regression (perturbed-model, one-epoch-model, "
+                                   "attack-1-step, attack-step-div100); the gate must fail")
     p.add_argument("--data-dir")
     p.add_argument("--cache-dir")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("table", help="regenerate the paper's Table 1, Table 2 (--ablation) or §3.5 (--untrained)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--ablation", action="store_true", help="Table 2: rows A-E and FULL")
+    which.add_argument("--untrained", action="store_true", help="§3.5: untrained IdResNet + k-NN vs random MLP")
+    p.add_argument("--attacks", help="extra attacks besides the paper's kfgsm (adds a worst-case column)")
+    p.add_argument("--n-test", type=int, help="first N test images are attacked (default 1000)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every row, e.g. k=5")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="tables", help="folder for <table>.{md,csv,tex} and results/<table>-<row>.json")
+    p.add_argument("--data-dir")
+    p.add_argument("--cache-dir")
+    p.add_argument("--quiet", action="store_true", help="only the bar over rows, no per-row progress bars")
+    p.add_argument("--render-only", action="store_true", help="rebuild the tables from stored results, no computing")
+
+    p = sub.add_parser("audit", help="gradient-masking audit: standard + adaptive attacks, checks, trust verdict")
+    _common(p)
+    p.add_argument("--eps", default="8/255", help="the one ε audited, e.g. 8/255")
+    p.add_argument("--n-test", type=int, default=500, help="first N test images are attacked")
+    p.add_argument("--quick", action="store_true", help="screening run: 2 standard attacks, fewer steps, 4 ε")
+    p.add_argument("--surrogate", default="potential", help="potential or softknn (what the toolkit attacks follow)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--out", default="results", help="folder for audit-*.json/.csv and the PNG plots")
+    p.add_argument("--figure3", action="store_true",
+                   help="instead: draw the paper's Figure 3 (trains N_S=4, d=3 without noise if not cached)")
 
     p = sub.add_parser("bench", help="speed figures: training vs matmul GFLOP/s, k-NN 10k×50k, attack steps/s")
     p.add_argument("--model", default="full")
@@ -191,6 +229,25 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"results: {path}")
 
 
+def cmd_toolkits(args: argparse.Namespace) -> None:
+    from .surrogate import SURROGATES
+    from .toolkit_compare import render_compare, run_compare, suite_specs
+
+    cfg = _model_config(args)
+    names = [n.strip() for n in args.attacks.split(",") if n.strip()]
+    suite_specs(names)  # validates the names before any work
+    surrogates = [s.strip() for s in args.surrogates.split(",") if s.strip()]
+    bad = [s for s in surrogates if s not in SURROGATES]
+    if bad or not surrogates:
+        raise UsageError(f"unknown surrogate(s) {bad}; choose from {', '.join(SURROGATES)}")
+    if args.n_test < 1 or args.batch_size < 1:
+        raise UsageError("--n-test and --batch-size must be >= 1")
+    result = run_compare(cfg, parse_eps(args.eps), names=names, surrogates=surrogates, n_test=args.n_test,
+                         out_dir=args.out, data_dir=args.data_dir, cache_dir=args.cache_dir, device=args.device,
+                         seed=args.seed or 0, batch_size=args.batch_size, progress=not args.quiet)
+    print(render_compare(result))
+
+
 def cmd_attacks(args: argparse.Namespace) -> None:
     from tabulate import tabulate
 
@@ -221,20 +278,25 @@ def cmd_gate(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     from .data import load_cifar10
-    from .gate import GateConfig, check_baseline, compare, run_gate
+    from .gate import GateConfig, check_baseline, compare, planted, run_gate
     from .store import read_json, write_json
 
     gcfg = GateConfig(seed=args.seed)
     baseline_path = Path(args.baseline)
     if args.update_baseline and not args.message:
         raise UsageError("--update-baseline needs --message saying why the baseline changes")
+    if args.plant and args.update_baseline:
+        raise UsageError("--plant is a self-test; it never updates the baseline")
+    noise = 0.0
+    if args.plant:
+        gcfg, noise = planted(gcfg, args.plant)
     if not args.update_baseline:
         if not baseline_path.is_file():
             raise UsageError(f"no gate baseline at {baseline_path}; create one with --update-baseline --message ...")
         baseline = read_json(baseline_path)
         check_baseline(baseline, gcfg)
     current = run_gate(gcfg, load_cifar10(args.data_dir), device=args.device, cache_dir=args.cache_dir,
-                       progress=not args.quiet)
+                       perturb_model=noise, progress=not args.quiet)
     if args.out:
         write_json(args.out, current)
     if args.update_baseline:
@@ -257,8 +319,65 @@ def cmd_gate(args: argparse.Namespace) -> int:
         print("GATE FAILED")
         print(tabulate([f.row for f in findings], headers=["check", "what", "baseline", "current", "allowed"],
                        tablefmt="github"))
-        return 1
-    print("GATE PASSED")
+    else:
+        print("GATE PASSED")
+    if args.plant:  # self-test: success means the planted regression was caught
+        print(f"self-test {args.plant}: " + ("caught (exit 0)" if findings else "NOT CAUGHT (exit 1)"))
+        return 0 if findings else 1
+    return 1 if findings else 0
+
+
+def cmd_table(args: argparse.Namespace) -> None:
+    from .attacks import parse_attack_list
+    from .tables import render_table, run_table
+
+    name = "table2" if args.ablation else "untrained" if args.untrained else "table1"
+    if args.render_only:
+        given = [f for f, v in (("--attacks", args.attacks), ("--n-test", args.n_test), ("--epochs", args.epochs),
+                                ("--seed", args.seed), ("--set", args.set)) if v is not None]
+        if given:
+            raise UsageError(f"--render-only rebuilds from stored results and takes no {', '.join(given)}")
+        path = render_table(name, args.out)
+    else:
+        extra = parse_attack_list(args.attacks) if args.attacks is not None else []
+        path = run_table(name, extra_attacks=extra, n_test=1000 if args.n_test is None else args.n_test,
+                         epochs=args.epochs, seed=args.seed, sets=args.set or [], data_dir=args.data_dir,
+                         cache_dir=args.cache_dir, device=args.device, out_dir=args.out, progress=not args.quiet)
+    print(path.read_text())
+    print(f"written: {', '.join(str(path.with_suffix(s)) for s in ('.md', '.csv', '.tex'))}")
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from .audit import attacks_frame, audit, checks_frame
+    from .surrogate import SURROGATES
+
+    cfg = _model_config(args)
+    if args.figure3:
+        from .data import load_cifar10
+        from .plots import figure3
+
+        path = figure3(load_cifar10(args.data_dir), args.out, base=cfg, cache_dir=args.cache_dir, device=args.device,
+                       progress=not args.quiet)
+        print(f"Figure 3: {path}")
+        return 0
+    eps = parse_eps(args.eps)
+    if len(eps) != 1:
+        raise UsageError("audit takes one --eps value (it sweeps ε itself)")
+    if args.surrogate not in SURROGATES:
+        raise UsageError(f"unknown surrogate {args.surrogate!r}; choose from {', '.join(SURROGATES)}")
+    if args.n_test < 1 or args.batch_size < 1:
+        raise UsageError("--n-test and --batch-size must be >= 1")
+    res = audit(cfg, eps[0], n_test=args.n_test, quick=args.quick, data_dir=args.data_dir, cache_dir=args.cache_dir,
+                device=args.device, seed=args.seed or 0, surrogate=args.surrogate, batch_size=args.batch_size,
+                out_dir=args.out, progress=not args.quiet)
+    print(f"{res['dataset']}, model {cfg.name}, ε = {args.eps}, {res['n']} test images: clean {res['clean_acc']:.1f}%")
+    print(tabulate(attacks_frame(res), headers="keys", tablefmt="github", showindex=False))
+    print(tabulate(res["attribution"], headers="keys", tablefmt="github"))
+    print(tabulate(checks_frame(res), headers="keys", tablefmt="github", showindex=False))
+    print(res["verdict"]["text"])
+    print(f"results: {res['path']}")
     return 0
 
 
@@ -270,8 +389,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(f"{k:32s} {v:.4g}" if isinstance(v, float) else f"{k:32s} {v}")
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "attacks": cmd_attacks, "search": cmd_search,
-            "bench": cmd_bench, "gate": cmd_gate}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "attacks": cmd_attacks, "toolkits": cmd_toolkits,
+            "search": cmd_search,
+            "bench": cmd_bench, "table": cmd_table, "gate": cmd_gate, "audit": cmd_audit}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -138,6 +138,10 @@ class ExperimentConfig:
             raise UsageError("k must be >= 1")
 
 
+# The standard attack suite of the cross-toolkit table, roughly cheapest first (a partial run covers the most).
+STANDARD_SUITE = ("kfgsm", "pgd", "apgd", "apgd-dlr", "apgd-t", "fab-t", "square", "autoattack")
+
+
 def _rows() -> dict[str, ExperimentConfig]:
     """Table 2 rows (§3.4) and §3.5. A and B are the 5-layer CE baselines."""
     base = ExperimentConfig()

@@ -7,8 +7,12 @@ correctly classified clean and survives every attack run at that ε (the per-sam
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import platform
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .attacks import AttackSpec, input_gradient
+from .store import read_json, write_json
 
 TOL = 1e-6  # float32 slack on the ε-ball and [0, 1] checks
 
@@ -74,6 +79,22 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _fingerprint(*parts: Any) -> str:
+    """Short hash of tensors and JSON-able values: names a cached result cell."""
+    h = hashlib.sha256()
+    for part in parts:
+        if torch.is_tensor(part):
+            h.update(part.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:12]
+
+
+def cell_seed(seed: int, eps: float, key: str) -> int:
+    """Each (ε, attack) cell draws from its own seed, so a resumed run equals an uninterrupted one."""
+    return int(_fingerprint(seed, round(eps, 8), key)[:8], 16)
+
+
 def run_attacks(
     clf: torch.nn.Module,
     x: torch.Tensor,
@@ -84,47 +105,43 @@ def run_attacks(
     overrides: dict[str, dict[str, Any]] | None = None,
     batch_size: int = 250,
     progress: bool = True,
+    seed: int = 0,
+    cell_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Attack ``x`` (floats in [0, 1]) with every spec at every ε; return per-ε, per-attack and per-sample results."""
-    dev = clf.device
+    """Attack ``x`` (floats in [0, 1]) with every spec at every ε; return per-ε, per-attack and per-sample results.
+
+    Only clean-correct points are attacked (the others are never robust), as AutoAttack does. With
+    ``cell_dir`` each finished (ε, attack) cell is stored there (atomically) and reused by a later call on the
+    same images, labels and parameters, so a killed run resumes; ``cell_dir`` must be specific to the model.
+    """
     overrides = overrides or {}
     clean_pred = clf.predict(x).cpu()
     clean_ok = clean_pred == y.cpu()
+    idx = torch.nonzero(clean_ok).squeeze(1)
+    data_fp = _fingerprint(x, y, batch_size)
     per_eps = []
-    total = len(eps_list) * len(specs) * ((len(x) + batch_size - 1) // batch_size)
-    bar = tqdm(total=total, desc="attacks", disable=not progress, unit="batch")
+    n_batches = (len(idx) + batch_size - 1) // batch_size
+    bar = tqdm(total=len(eps_list) * len(specs) * n_batches, desc="attacks", disable=not progress, unit="batch")
     for eps in eps_list:
         worst = clean_ok.clone()
         attacks_out: dict[str, Any] = {}
         for spec in specs:
-            robust = torch.zeros(len(x), dtype=torch.bool)
-            bad_grad = torch.zeros(len(x), dtype=torch.bool)
-            violations = {"n_nonfinite": 0, "n_out_of_box": 0, "n_out_of_ball": 0, "max_linf": 0.0}
-            t0 = time.perf_counter()
-            attack = spec.build(clf, eps, **overrides.get(spec.key, {}))
-            for i in range(0, len(x), batch_size):
-                xb, yb = x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev)
+            params = {**spec.defaults, **overrides.get(spec.key, {})}
+            path = None
+            if cell_dir is not None:
+                name = f"{spec.key.replace(':', '_')}-eps{eps:.6f}-{_fingerprint(data_fp, params, seed)}.json"
+                path = Path(cell_dir) / name
+            if path is not None and path.is_file():
+                entry = read_json(path)
+                bar.update(n_batches)
+            else:
                 bar.set_postfix_str(f"eps={eps:.4f} {spec.key}")
-                x_adv = attack(xb, yb).detach()
-                rep = check_adversarial(xb, x_adv, eps)
-                for key in ("n_nonfinite", "n_out_of_box", "n_out_of_ball"):
-                    violations[key] += getattr(rep, key)
-                violations["max_linf"] = max(violations["max_linf"], rep.max_linf)
-                if rep.ok:
-                    robust[i:i + batch_size] = clean_ok[i:i + batch_size] & (clf.predict(x_adv).cpu() == yb.cpu())
-                bad_grad[i:i + batch_size] = bad_gradient_mask(clf, attack, xb, yb)
-                bar.update(1)
-            valid = violations["n_nonfinite"] + violations["n_out_of_box"] + violations["n_out_of_ball"] == 0
-            entry: dict[str, Any] = {
-                "toolkit": spec.toolkit, "params": {**spec.defaults, **overrides.get(spec.key, {})},
-                "valid": valid, "violations": violations,
-                "seconds": round(time.perf_counter() - t0, 2),
-                "zero_or_nonfinite_grad_frac": round(bad_grad.float().mean().item(), 4),
-            }
-            if valid:
-                entry["robust_acc"] = round(100 * robust.float().mean().item(), 2)
-                entry["robust"] = robust.int().tolist()
-                worst &= robust
+                entry = _attack_cell(clf, x, y, idx, spec, eps, params, batch_size, cell_seed(seed, eps, spec.key),
+                                     lambda: bar.update(1))
+                if path is not None:
+                    write_json(path, entry)
+            if entry["valid"]:
+                worst &= torch.tensor(entry["robust"], dtype=torch.bool)
             attacks_out[spec.key] = entry
         per_eps.append({
             "eps": eps, "clean_acc": round(100 * clean_ok.float().mean().item(), 2),
@@ -136,3 +153,38 @@ def run_attacks(
     rejected = [f"{k} at eps={r['eps']:.4f}" for r in per_eps for k, a in r["attacks"].items() if not a["valid"]]
     return {"n": len(x), "clean_pred": clean_pred.tolist(), "clean_correct": clean_ok.int().tolist(),
             "per_eps": per_eps, "rejected_attacks": rejected}
+
+
+def _attack_cell(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, spec: AttackSpec,
+                 eps: float, params: dict[str, Any], batch_size: int, seed: int, tick: Any) -> dict[str, Any]:
+    """One attack at one ε on the points ``idx``: validity, per-sample robustness, zero-gradient count, time."""
+    dev = clf.device
+    robust = torch.zeros(len(x), dtype=torch.bool)
+    n_bad_grad = 0
+    violations = {"n_nonfinite": 0, "n_out_of_box": 0, "n_out_of_ball": 0, "max_linf": 0.0}
+    torch.manual_seed(seed)  # attacks with random starts draw from the global generator
+    t0 = time.perf_counter()
+    attack = spec.build(clf, eps, **params)
+    for i in range(0, len(idx), batch_size):
+        sel = idx[i:i + batch_size]
+        xb, yb = x[sel].to(dev), y[sel].to(dev)
+        x_adv = attack(xb, yb).detach()
+        rep = check_adversarial(xb, x_adv, eps)
+        for key in ("n_nonfinite", "n_out_of_box", "n_out_of_ball"):
+            violations[key] += getattr(rep, key)
+        violations["max_linf"] = max(violations["max_linf"], rep.max_linf)
+        if rep.ok:
+            robust[sel] = clf.predict(x_adv).cpu() == yb.cpu()
+        n_bad_grad += int(bad_gradient_mask(clf, attack, xb, yb).sum())
+        tick()
+    valid = violations["n_nonfinite"] + violations["n_out_of_box"] + violations["n_out_of_ball"] == 0
+    entry: dict[str, Any] = {
+        "toolkit": spec.toolkit, "params": params, "valid": valid, "violations": violations,
+        "seconds": round(time.perf_counter() - t0, 2), "n_attacked": len(idx),
+        # over the attacked (clean-correct) points
+        "zero_or_nonfinite_grad_frac": round(n_bad_grad / max(len(idx), 1), 4),
+    }
+    if valid:
+        entry["robust_acc"] = round(100 * robust.float().mean().item(), 2)
+        entry["robust"] = robust.int().tolist()
+    return entry

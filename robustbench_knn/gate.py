@@ -29,6 +29,7 @@ from .train import train_model
 class GateConfig:
     n_train: int = 5000  # first N training images
     epochs: int = 6
+    model_epochs: int | None = None  # the model under test only (None: ``epochs``); plants an under-trained model
     batch_size: int = 500
     k: int = 100  # k ≤ the bank; 800 would vote over 16% of a 5000-image bank
     n_test: int = 300
@@ -44,7 +45,8 @@ class GateConfig:
 
     def experiment(self, which: str) -> ExperimentConfig:
         base = get_model_config(self.model if which == "model" else self.reference)
-        train = {"n_train": self.n_train, "epochs": self.epochs, "batch_size": self.batch_size, "seed": self.seed}
+        epochs = self.model_epochs if which == "model" and self.model_epochs is not None else self.epochs
+        train = {"n_train": self.n_train, "epochs": epochs, "batch_size": self.batch_size, "seed": self.seed}
         cfg = base.replace(name=f"gate-{base.name}", k=self.k, train=train)
         return cfg.replace(**self.config_overrides) if self.config_overrides else cfg
 
@@ -67,18 +69,42 @@ def run_gate(gcfg: GateConfig, data: CIFAR10, *, device: str = "auto", cache_dir
                     noise = torch.randn(p.shape, generator=gen).to(p.device)
                     p.add_(noise * perturb_model * (p.std() if p.numel() > 1 else p.abs()))
         clf = build_classifier(trained, cache_bank=not (which == "model" and perturb_model))
-        torch.manual_seed(gcfg.seed)
-        res = run_attacks(clf, sub.floats(), sub.y, specs, [gcfg.eps], overrides=overrides, progress=progress)
+        res = run_attacks(clf, sub.floats(), sub.y, specs, [gcfg.eps], overrides=overrides, progress=progress,
+                          seed=gcfg.seed)
         r = res["per_eps"][0]
         clean = torch.tensor(res["clean_correct"], dtype=torch.bool)
         out[which] = {
             "clean_acc": r["clean_acc"], "worst_case_acc": r["worst_case_acc"],
             "attacks": {k: {"robust_acc": a["robust_acc"],
-                            "broken": [i for i, (c, rob) in enumerate(zip(clean.tolist(), a["robust"])) if c and not rob]}
+                            "broken": [i for i, (c, rob) in enumerate(zip(clean.tolist(), a["robust"])) if c and not rob],
+                            "robust": [i for i, rob in enumerate(a["robust"]) if rob]}
                         for k, a in r["attacks"].items()},
         }
     out["wall_seconds"] = round(time.perf_counter() - t0, 1)
     return out
+
+
+# Planted regressions (`robustbench-knn gate --plant NAME`): a self-test showing the gate can fail.
+# name → (GateConfig changes, relative weight noise on the model)
+PLANTS: dict[str, tuple[dict[str, Any], float]] = {
+    "perturbed-model": ({}, 1.0),  # check 1: weights + N(0, std) noise
+    "one-epoch-model": ({"model_epochs": 1}, 0.0),  # check 1: an under-trained model
+    "attack-1-step": ({"attack_overrides": {"kfgsm": {"steps": 1}}}, 0.0),  # check 2: a weakened attack
+    "attack-step-div100": ({"attack_overrides": {"kfgsm": {"step_ratio": 0.001}}}, 0.0),  # check 2
+}
+
+
+def planted(gcfg: GateConfig, name: str) -> tuple[GateConfig, float]:
+    """The gate config and weight noise of a planted regression."""
+    if name not in PLANTS:
+        raise UsageError(f"unknown planted regression {name!r}; choose from {', '.join(PLANTS)}")
+    changes, noise = PLANTS[name]
+    if "attack_overrides" in changes:  # on top of the gate's own overrides
+        merged = {**gcfg.attack_overrides}
+        for key, params in changes["attack_overrides"].items():
+            merged[key] = {**merged.get(key, {}), **params}
+        changes = {**changes, "attack_overrides": merged}
+    return dataclasses.replace(gcfg, **changes), noise
 
 
 def _settings(gcfg: GateConfig) -> dict[str, Any]:
@@ -120,9 +146,11 @@ def compare(baseline: dict[str, Any], current: dict[str, Any], tol_acc: float, t
         if c > b + tol_acc:
             found.append(Finding("evaluation regression", f"reference {k} robust acc", b, c, f"<= {b + tol_acc:.2f}"))
     # Broken sets are compared on the reference only: on the model under test they move whenever the model does.
+    # A lost break is a point the attack broke in the baseline that now survives it; points that are now
+    # misclassified clean (the retrained reference moved) are not the attack's doing and do not count.
     for k, a in br["attacks"].items():
         if k in cr["attacks"]:
-            lost = set(a["broken"]) - set(cr["attacks"][k]["broken"])
+            lost = set(a["broken"]) & set(cr["attacks"][k]["robust"])
             if len(lost) > tol_points:
                 found.append(Finding("evaluation regression", f"reference {k}: baseline breaks no longer found",
                                      len(a["broken"]), len(a["broken"]) - len(lost), f"<= {tol_points} lost"))

@@ -1,15 +1,14 @@
 """Planted regressions make the gate fail; an unchanged run passes."""
 
 import copy
-import dataclasses
 
 import pytest
 
 from robustbench_knn.cli import main
-from robustbench_knn.gate import GateConfig, compare, run_gate
+from robustbench_knn.gate import GateConfig, compare, planted, run_gate
 
 # the gate's machinery on tiny low-contrast data (no training noise, so the tiny k-NN learns something)
-TINY_GATE = GateConfig(n_train=400, epochs=12, batch_size=100, k=5, n_test=100, attacks=("kfgsm", "ta:apgd"),
+TINY_GATE = GateConfig(n_train=400, epochs=30, batch_size=100, k=5, n_test=100, attacks=("kfgsm", "ta:apgd"),
                        attack_overrides={"ta:apgd": {"steps": 20}},
                        config_overrides={"model": {"w_r": 32, "d": 3}, "train": {"lr": 1e-3, "noise": False}})
 TOL, TOL_POINTS = TINY_GATE.tol_acc, TINY_GATE.tol_points
@@ -33,34 +32,40 @@ def test_unchanged_run_passes(baseline, hard_data, gate_cache):
     assert compare(baseline, again, TOL, TOL_POINTS) == []
 
 
-def test_degraded_model_trips_check_1(baseline, hard_data, gate_cache):
-    cur = run_gate(TINY_GATE, hard_data, device="cpu", cache_dir=gate_cache, perturb_model=1.0)
-    findings = compare(baseline, cur, TOL, TOL_POINTS)
-    assert findings and {f.check for f in findings} == {"model regression"}
+@pytest.mark.parametrize("plant", ["perturbed-model", "one-epoch-model"])
+def test_degraded_model_trips_check_1(plant, baseline, hard_data, gate_cache):
+    g, noise = planted(TINY_GATE, plant)
+    findings = compare(baseline, run_gate(g, hard_data, device="cpu", cache_dir=gate_cache, perturb_model=noise),
+                       TOL, TOL_POINTS)
+    assert findings and any(f.check == "model regression" for f in findings)
+    if plant == "perturbed-model":  # same attacks, same reference: only check 1 can fire
+        assert {f.check for f in findings} == {"model regression"}
 
 
-def test_model_trained_one_epoch_trips_check_1(baseline, hard_data, gate_cache):
-    cur = run_gate(dataclasses.replace(TINY_GATE, epochs=1), hard_data, device="cpu", cache_dir=gate_cache)
-    assert any(f.check == "model regression" for f in compare(baseline, cur, TOL, TOL_POINTS))
-
-
-@pytest.mark.parametrize("weak", [{"steps": 1}, {"step_ratio": 0.001}])
-def test_weakened_attack_trips_check_2(weak, baseline, hard_data, gate_cache):
-    g = dataclasses.replace(TINY_GATE, attack_overrides={**TINY_GATE.attack_overrides, "kfgsm": weak})
-    findings = compare(baseline, run_gate(g, hard_data, device="cpu", cache_dir=gate_cache), TOL, TOL_POINTS)
+@pytest.mark.parametrize("plant", ["attack-1-step", "attack-step-div100"])
+def test_weakened_attack_trips_check_2(plant, baseline, hard_data, gate_cache):
+    g, noise = planted(TINY_GATE, plant)
+    assert g.attack_overrides["ta:apgd"] == {"steps": 20}  # the gate's own overrides are kept
+    findings = compare(baseline, run_gate(g, hard_data, device="cpu", cache_dir=gate_cache, perturb_model=noise),
+                       TOL, TOL_POINTS)
     assert findings and all(f.check == "evaluation regression" for f in findings)
     assert any("native:kfgsm" in f.what for f in findings)
 
 
 def test_compare_flags_missing_breaks_only_beyond_tolerance(baseline):
-
-
     cur = copy.deepcopy(baseline)
-    broken = cur["reference"]["attacks"]["native:kfgsm"]["broken"]
-    cur["reference"]["attacks"]["native:kfgsm"]["broken"] = broken[TOL_POINTS:]  # exactly the tolerance
+    atk = cur["reference"]["attacks"]["native:kfgsm"]
+    broken = list(atk["broken"])
+    assert len(broken) > TOL_POINTS + 1
+    # points broken in the baseline that now survive the attack: lost breaks
+    atk["broken"], atk["robust"] = broken[TOL_POINTS:], atk["robust"] + broken[:TOL_POINTS]  # exactly the tolerance
     assert compare(baseline, cur, TOL, TOL_POINTS) == []
-    cur["reference"]["attacks"]["native:kfgsm"]["broken"] = broken[TOL_POINTS + 1:]
+    atk["broken"], atk["robust"] = broken[TOL_POINTS + 1:], atk["robust"] + broken[TOL_POINTS:TOL_POINTS + 1]
     assert [f.check for f in compare(baseline, cur, TOL, TOL_POINTS)] == ["evaluation regression"]
+    # points that are now misclassified clean (a moved reference) are not lost breaks
+    cur = copy.deepcopy(baseline)
+    cur["reference"]["attacks"]["native:kfgsm"]["broken"] = []
+    assert compare(baseline, cur, TOL, TOL_POINTS) == []
 
 
 def test_cli_gate_needs_a_message_and_a_baseline(tmp_path, capsys):
@@ -68,3 +73,4 @@ def test_cli_gate_needs_a_message_and_a_baseline(tmp_path, capsys):
     assert main(["gate", "--baseline", str(tmp_path / "missing.json")]) == 2
     err = capsys.readouterr().err
     assert "--message" in err and "no gate baseline" in err
+    assert main(["gate", "--plant", "nope", "--baseline", "tables/gate_baseline.json"]) == 2

@@ -1,0 +1,80 @@
+"""The cross-toolkit table: cells are cached and resumed, the worst case is per sample across every cell."""
+
+import json
+
+import torch
+
+from robustbench_knn import toolkit_compare
+from robustbench_knn.attacks import get_attack
+from robustbench_knn.cli import main
+from robustbench_knn.evaluate import run_attacks
+
+from .conftest import TINY_SETS
+
+
+def test_cells_are_cached_and_reused(tiny_clf, tiny_data, tmp_path, monkeypatch):
+    sub = tiny_data.test.head(30)
+    specs = [get_attack("kfgsm")]
+    first = run_attacks(tiny_clf, sub.floats(), sub.y, specs, [8 / 255, 32 / 255], progress=False,
+                        cell_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 2
+
+    def boom(*a, **k):
+        raise AssertionError("a cached cell was recomputed")
+
+    monkeypatch.setattr("robustbench_knn.evaluate._attack_cell", boom)
+    again = run_attacks(tiny_clf, sub.floats(), sub.y, specs, [8 / 255, 32 / 255], progress=False, cell_dir=tmp_path)
+    assert again["per_eps"] == first["per_eps"]
+    # other parameters are another cell: computed, not reused
+    monkeypatch.undo()
+    run_attacks(tiny_clf, sub.floats(), sub.y, specs, [8 / 255], overrides={"native:kfgsm": {"steps": 2}},
+                progress=False, cell_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 3
+
+
+def test_only_clean_correct_points_are_attacked(tiny_clf, tiny_data):
+    sub = tiny_data.test.head(40)
+    y = sub.y.clone()
+    y[:5] = (y[:5] + 1) % 10  # wrong labels: clean-misclassified, never attacked, never robust
+    res = run_attacks(tiny_clf, sub.floats(), y, [get_attack("kfgsm")], [8 / 255], progress=False)
+    cell = res["per_eps"][0]["attacks"]["native:kfgsm"]
+    assert cell["n_attacked"] == sum(res["clean_correct"]) <= 35
+    assert not any(cell["robust"][:5])
+
+
+def test_toolkit_table_end_to_end(tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "tk"
+    args = ["toolkits", "--model", "full", "--data-dir", str(tiny_data_dir), "--cache-dir", str(tmp_path / "c"),
+            "--attacks", "kfgsm,pgd", "--eps", "8/255,64/255", "--n-test", "20", "--out", str(out), "--quiet",
+            *[a for s in TINY_SETS for a in ("--set", s)]]
+    assert main(args) == 0
+    res = json.loads((out / "toolkits.json").read_text())
+    keys = {(c["key"], c["surrogate"]) for c in res["cells"]}
+    # kfgsm follows the model's objective once; pgd runs in both toolkits with both surrogates
+    assert keys == {("native:kfgsm", "objective"), ("ta:pgd", "potential"), ("ta:pgd", "softknn"),
+                    ("art:pgd", "potential"), ("art:pgd", "softknn")}
+    df = toolkit_compare.compare_frame(res)
+    worst = df[(df["attack"] == "worst case") & (df["surrogate"] == "all surrogates")].iloc[0]
+    clean = torch.tensor(res["clean_correct"], dtype=torch.bool)
+    for eps in (8 / 255, 64 / 255):
+        cells = [c for c in res["cells"] if abs(c["eps"] - eps) < 1e-9]
+        expect = clean.clone()
+        for c in cells:
+            expect &= torch.tensor(c["robust"], dtype=torch.bool)
+        lab = "8/255" if eps < 0.1 else "64/255"
+        assert worst[f"robust {lab}"] == round(100 * expect.float().mean().item(), 2)
+        assert worst[f"robust {lab}"] <= min(c["robust_acc"] for c in cells)
+    md = (out / "toolkits.md").read_text()
+    assert "Strongest single attack" in md and "Worst case at ε=8/255" in md
+    assert "| pgd" in capsys.readouterr().out
+    # a second run reuses every cell (no recomputation: identical results)
+    assert main(args) == 0
+    again = json.loads((out / "toolkits.json").read_text())
+    assert [c["robust"] for c in again["cells"]] == [c["robust"] for c in res["cells"]]
+
+
+def test_toolkits_bad_input(capsys):
+    assert main(["toolkits", "--attacks", "nope"]) == 2
+    assert main(["toolkits", "--surrogates", "bogus"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("robustbench-knn: error:") for line in err)
