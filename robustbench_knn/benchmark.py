@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from .attacks import AttackSpec
+from .attacks.transfer import trained_sources, transfer_sources
 from .classifier import build_classifier
 from .config import ExperimentConfig, UsageError
 from .data import DATASET_LABEL, load_cifar10
@@ -57,8 +58,10 @@ def benchmark(
     clean_acc = 100 * (clean_pred == clean_x.y).float().mean().item()
     sub = data.test.head(n_test)
     cells = cell_dir(cfg, surrogate, data.sha256, cache_dir) if resume else None
-    attacked = run_attacks(clf, sub.floats(), sub.y, specs, eps_list, overrides=overrides,
-                           batch_size=batch_size, progress=progress, seed=seed, cell_dir=cells)
+    # `transfer` crafts on another model: trained (or loaded) on the same data at the target's size
+    with transfer_sources(trained_sources(data, target_cfg=cfg, cache_dir=cache_dir, device=dev, progress=progress)):
+        attacked = run_attacks(clf, sub.floats(), sub.y, specs, eps_list, overrides=overrides,
+                               batch_size=batch_size, progress=progress, seed=seed, cell_dir=cells)
     result = {
         "model": cfg.name, "config": cfg.to_dict(), "config_hash": cfg.config_hash(),
         "dataset": dataset_name, "dataset_sha256": data.sha256, "n_clean": n_clean,

@@ -84,11 +84,24 @@ def get_attack(name: str) -> AttackSpec:
     return REGISTRY[key]
 
 
+GROUPS: dict[str, tuple[str, ...]] = {}
+
+
+def register_group(name: str, members: tuple[str, ...] | list[str]) -> None:
+    """A name in ``--attacks`` that stands for several attacks (e.g. ``adaptive``)."""
+    GROUPS[name] = tuple(members)
+
+
 def parse_attack_list(text: str) -> list[AttackSpec]:
+    """Comma list of attack or group names → specs, groups expanded, duplicates dropped (first kept)."""
     names = [n for n in (p.strip() for p in text.split(",")) if n]
     if not names:
         raise UsageError("--attacks needs at least one attack name")
-    return [get_attack(n) for n in names]
+    specs: dict[str, AttackSpec] = {}
+    for member in (m for n in names for m in GROUPS.get(n.lower(), (n,))):
+        spec = get_attack(member)
+        specs.setdefault(spec.key, spec)
+    return list(specs.values())
 
 
 def input_gradient(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:

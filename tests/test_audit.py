@@ -1,0 +1,140 @@
+"""The gradient-masking audit flags a planted masking case and passes an honest one; CLI, files and plots."""
+
+import json
+
+import pytest
+import torch
+
+from robustbench_knn.audit import attribution, run_audit, save_audit
+from robustbench_knn.classifier import KNNClassifier
+from robustbench_knn.cli import main
+from robustbench_knn.plots import figure3_config, figure3_points, plot_eps_curves, plot_figure3
+
+from .conftest import TINY_SETS
+
+SMALL = dict(standard=("kfgsm", "aa:apgd"), adaptive=("feature", "softknn-apgd", "vote-square"),
+             sweep_eps=(0.0, 8 / 255, 64 / 255), steps_factors=(2.0,),
+             overrides={"native:feature": {"steps": 20}, "native:softknn-apgd": {"steps": 20},
+                        "native:vote-square": {"n_queries": 300}})
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tensors here are tiny and the loops long: one thread avoids thread-pool overhead (restored after)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+class Scaled(torch.nn.Module):
+    """Embeddings × 10⁴: the same k-NN decisions, but the paper's potential e^{−λD} underflows (zero gradient)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, z):
+        return self.net(z) * 1e4
+
+
+def _batch(tiny_data, n=30):
+    sub = tiny_data.test.head(n)
+    return sub.floats(), sub.y
+
+
+def _checks(res):
+    return {c["name"]: c["verdict"] for c in res["checks"]}
+
+
+def test_audit_flags_planted_gradient_masking(tiny_clf, tiny_data):
+    masked = KNNClassifier(Scaled(tiny_clf.net), tiny_clf.bank * 1e4, tiny_clf.bank_labels, tiny_clf.cfg)
+    x, y = _batch(tiny_data)
+    res = run_audit(masked, x, y, 16 / 255, **SMALL)
+    checks = _checks(res)
+    assert not res["verdict"]["trusted"] and res["verdict"]["status"] == "NOT TRUSTED"
+    assert "cannot be trusted" in res["verdict"]["text"]
+    assert checks["adaptive/all vs standard"] == "FAIL"
+    assert checks["gradient-free not stronger"] == "FAIL"
+    assert checks["zero/non-finite gradients"] == "FAIL"
+    assert checks["large ε: standard attack"] == "FAIL" and checks["large ε: worst case"] == "PASS"
+    assert res["reported_acc"] == res["clean_acc"] and res["upper_bound_acc"] < res["clean_acc"] - 50
+    assert f"{res['upper_bound_acc']:.1f}%" in res["verdict"]["text"]
+    # every break is credited to an adaptive attack: the standard ones found none
+    firsts = set(res["first_breaker"]) - {"robust", "clean error"}
+    assert firsts and not firsts & {"native:kfgsm", "aa:apgd"}
+
+
+def test_audit_passes_an_honest_model(tiny_clf, tiny_data):
+    x, y = _batch(tiny_data)
+    res = run_audit(tiny_clf, x, y, 16 / 255, **SMALL)
+    checks = _checks(res)
+    assert res["verdict"]["trusted"], res["verdict"]["text"]
+    assert checks["adaptive/all vs standard"] == "PASS" and checks["zero/non-finite gradients"] == "PASS"
+    assert checks["gradient-free not stronger"] == "PASS" and checks["large ε: worst case"] == "PASS"
+    assert res["upper_bound_acc"] <= res["reported_acc"] <= res["clean_acc"]
+    worst = torch.tensor(res["worst_case_robust"], dtype=torch.bool)
+    assert res["upper_bound_acc"] == pytest.approx(100 * worst.float().mean().item(), abs=0.01)
+
+
+def test_attribution_first_breaker_in_run_order():
+    clean = torch.tensor([True, True, True, False])
+    order = [("a", torch.tensor([False, True, True, False])), ("b", torch.tensor([False, False, True, False]))]
+    first, table = attribution(order, clean)
+    assert first == ["a", "b", "robust", "clean error"]
+    rows = {r["attack"]: r for r in table.to_dict("records")}
+    assert rows["a"]["breaks"] == 1 and rows["b"]["breaks"] == 2 and rows["b"]["only breaker"] == 1
+
+
+def test_save_audit_writes_json_csv_and_plots(tiny_clf, tiny_data, tmp_path):
+    x, y = _batch(tiny_data, 15)
+    small = {**SMALL, "adaptive": ("feature",), "standard": ("kfgsm",)}
+    res = run_audit(tiny_clf, x, y, 16 / 255, **small)
+    path = save_audit({**res, "model": "tiny", "config_hash": "abc"}, tmp_path)
+    assert json.loads(path.read_text())["verdict"]["status"] == res["verdict"]["status"]
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"audit-tiny-abc-eps16.csv", "audit-tiny-abc-eps16-attacks.csv", "audit-tiny-abc-eps16-eps.png",
+            "audit-tiny-abc-eps16-steps.png"} <= names
+    assert "verdict" in (tmp_path / "audit-tiny-abc-eps16.csv").read_text()
+
+
+def test_audit_cli_quick_end_to_end(tiny_data_dir, cache_dir, tmp_path, capsys):
+    common = ["--data-dir", str(tiny_data_dir), "--cache-dir", str(cache_dir), "--quiet",
+              *[a for s in TINY_SETS for a in ("--set", s)]]
+    rc = main(["audit", "--model", "full", "--eps", "16/255", "--n-test", "20", "--quick", "--out", str(tmp_path),
+               *common])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "TRUSTED" in out and "native:vote-square" in out and "native:transfer" in out
+    res = json.loads(next(tmp_path.glob("audit-*.json")).read_text())
+    assert res["n"] == 20 and res["quick"] and len(res["eps_curves"]["worst case"]) == 5  # 0, 8, 16, 32, 64 /255
+    assert list(tmp_path.glob("*.png"))
+
+
+def test_audit_cli_rejects_several_eps(tmp_path, capsys):
+    assert main(["audit", "--eps", "8/255,16/255", "--out", str(tmp_path / "o")]) == 2
+    assert "one --eps" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_figure3_points_and_plot(tiny_trained, tiny_data, tmp_path):
+    pts = figure3_points(tiny_trained.net, 2, tiny_trained.train_split, tiny_data.test, max_train=100)
+    assert pts["train"]["points"].shape == (2, 100, 3) and pts["test"]["points"].shape == (2, 100, 3)
+    assert len(pts["train"]["labels"]) == 100
+    png = plot_figure3(pts, tmp_path / "fig3.png")
+    assert png.is_file() and png.stat().st_size > 1000
+    cfg = figure3_config()
+    assert (cfg.model.n_spaces, cfg.model.d, cfg.train.noise, cfg.name) == (4, 3, False, "fig3")
+
+
+def test_figure3_cli_on_tiny_data(tiny_data_dir, cache_dir, tmp_path, capsys):
+    rc = main(["audit", "--figure3", "--data-dir", str(tiny_data_dir), "--cache-dir", str(cache_dir), "--quiet",
+               "--set", "model.w_r=32", "--set", "train.epochs=2", "--set", "train.batch_size=100",
+               "--out", str(tmp_path)])
+    assert rc == 0 and "Figure 3" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("figure3-*.png"))) == 1
+
+
+def test_eps_plot(tmp_path):
+    png = plot_eps_curves({"a": [(0, 90.0), (8 / 255, 40.0)], "worst case": [(0, 90.0), (8 / 255, 30.0)]},
+                          tmp_path / "e.png")
+    assert png.is_file() and png.stat().st_size > 1000
