@@ -118,7 +118,8 @@ def run_attacks(
     clean_pred = clf.predict(x).cpu()
     clean_ok = clean_pred == y.cpu()
     idx = torch.nonzero(clean_ok).squeeze(1)
-    data_fp = _fingerprint(x, y, batch_size)
+    # the weights and bank themselves, not the config: a retrain elsewhere may differ in the last bits
+    data_fp = _fingerprint(x, y, batch_size, *clf.state_dict().values()) if cell_dir is not None else ""
     per_eps = []
     n_batches = (len(idx) + batch_size - 1) // batch_size
     bar = tqdm(total=len(eps_list) * len(specs) * n_batches, desc="attacks", disable=not progress, unit="batch")

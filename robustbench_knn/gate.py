@@ -38,8 +38,8 @@ class GateConfig:
     seed: int = 0
     model: str = "full"
     reference: str = "a"  # an undefended CE MLP: attacks must keep breaking it
-    tol_acc: float = 2.0  # percentage points; see README "CI gate" for the measured variation behind it
-    tol_points: int = 3  # previously broken points an attack may fail to break again
+    tol_acc: float = 3.0  # points: 2x the largest same-seed move measured across machines (1.33), rounded up
+    tol_points: int = 4  # lost reference breaks allowed: 2x the most measured across machines (2)
     attack_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     config_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {"model": {"w_r": 32}} (tests)
 

@@ -93,3 +93,12 @@ def real_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cifar")
     subprocess.run([sys.executable, str(script), str(root)], check=True, capture_output=True)
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """Tensors in the attack tests are tiny and the loops long: one thread avoids thread-pool overhead."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -22,13 +22,7 @@ CHEAP = {"native:feature": {"steps": 20}, "native:softknn-apgd": {"steps": 20},
 WHITE_AND_FREE = ["feature", "softknn-apgd", "softknn-apgd-dlr", "vote-square"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tensors here are tiny and the loops long: one thread avoids thread-pool overhead (restored after)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ SMALL = dict(standard=("kfgsm", "aa:apgd"), adaptive=("feature", "softknn-apgd",
                         "native:vote-square": {"n_queries": 300}})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tensors here are tiny and the loops long: one thread avoids thread-pool overhead (restored after)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Scaled(torch.nn.Module):

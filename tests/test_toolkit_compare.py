@@ -78,3 +78,14 @@ def test_toolkits_bad_input(capsys):
     assert main(["toolkits", "--surrogates", "bogus"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("robustbench-knn: error:") for line in err)
+
+
+def test_cells_are_tied_to_the_weights(tiny_clf, tiny_data, tmp_path):
+    """A model with the same config but other weights (a retrain elsewhere) never reuses a cached cell."""
+    from robustbench_knn.classifier import KNNClassifier
+
+    sub = tiny_data.test.head(20)
+    run_attacks(tiny_clf, sub.floats(), sub.y, [get_attack("kfgsm")], [8 / 255], progress=False, cell_dir=tmp_path)
+    other = KNNClassifier(tiny_clf.net, tiny_clf.bank + 1e-3, tiny_clf.bank_labels, tiny_clf.cfg)
+    run_attacks(other, sub.floats(), sub.y, [get_attack("kfgsm")], [8 / 255], progress=False, cell_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 2

@@ -66,7 +66,7 @@ def source_config(target: ExperimentConfig, name: str, seed: int | None) -> Expe
         a, b = getattr(row, section), getattr(full, section)
         return {f.name: getattr(a, f.name) for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)}
 
-    cfg = target.replace(name=f"{name}-source", model=delta("model"), train=delta("train"))
+    cfg = target.replace(name=name, model=delta("model"), train=delta("train"))  # the row's own cache entry
     if seed is not None:
         return cfg.replace(train={"seed": int(seed)})
     if cfg.config_hash() == target.config_hash():
