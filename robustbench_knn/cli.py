@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--surrogates", default="potential,softknn")
     p.add_argument("--eps", default="8/255,16/255")
     p.add_argument("--n-test", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--out", default="tables/toolkits", help="folder for toolkits.{md,csv,json} and the cached cells")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--out", default="tables/toolkits", help="folder for toolkits.{md,csv,json}")
 
     p = sub.add_parser("search", help="search the recipe choices the paper leaves open, on a validation split")
     p.add_argument("--variants", default="all")

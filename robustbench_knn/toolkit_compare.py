@@ -1,8 +1,9 @@
 """The cross-toolkit table: every standard attack through every toolkit that offers it, with each surrogate,
 judged by the k-NN decision, plus the per-sample worst case over all of them and each cell's wall time.
 
-Cells (one attack, one surrogate, all ε) are cached as they finish, cheapest attacks first, and the table is
-re-rendered after each, so an interrupted run leaves a correct partial table and resumes where it stopped.
+Cells (one attack, one surrogate, one ε) are cached beside the model as they finish (shared with ``evaluate``
+and ``audit``), cheapest attacks first, and the table is re-rendered after each attack, so an interrupted run
+leaves a correct partial table and resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from .attacks import REGISTRY, AttackSpec
-from .benchmark import DATASET_NAME, _eps_label
+from .benchmark import DATASET_NAME, _eps_label, cell_dir
 from .classifier import build_classifier
 from .config import STANDARD_SUITE, ExperimentConfig, UsageError
 from .data import load_cifar10
@@ -50,7 +51,7 @@ def run_compare(
     cache_dir: str | None = None,
     device: str = "auto",
     seed: int = 0,
-    batch_size: int = 500,
+    batch_size: int = 250,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) every cell and write ``toolkits.{json,csv,md}`` into ``out_dir`` after each one."""
@@ -62,7 +63,6 @@ def run_compare(
     x, y = sub.floats(), sub.y
     clfs = {s: build_classifier(trained, s) for s in surrogates}
     out = Path(out_dir)
-    cells_root = out / "cells" / f"{cfg.name}-{cfg.config_hash()}-k{cfg.k}-{data.sha256[:8]}"
     result: dict[str, Any] = {
         "model": cfg.name, "config_hash": cfg.config_hash(), "k": cfg.k, "dataset": DATASET_NAME,
         "dataset_sha256": data.sha256, "n_test": len(x), "seed": seed, "device": str(dev), "versions": versions(),
@@ -73,8 +73,9 @@ def run_compare(
             # native attacks follow the model's own objective, not a surrogate: one run serves both
             if not (spec.toolkit == "native" and s != surrogates[0])]
     for spec, sur in tqdm(jobs, desc="toolkit table", disable=not progress, unit="cell"):
+        # the model's own cell cache: cells finished by `evaluate` or `audit` on the same images are reused
         res = run_attacks(clfs[sur], x, y, [spec], eps_list, batch_size=batch_size, progress=progress, seed=seed,
-                          cell_dir=cells_root / sur)
+                          cell_dir=cell_dir(cfg, sur, data.sha256, cache_dir))
         result["clean_correct"] = res["clean_correct"]
         for r in res["per_eps"]:
             entry = r["attacks"][spec.key]

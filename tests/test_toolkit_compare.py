@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from robustbench_knn import toolkit_compare
@@ -42,7 +43,7 @@ def test_only_clean_correct_points_are_attacked(tiny_clf, tiny_data):
     assert not any(cell["robust"][:5])
 
 
-def test_toolkit_table_end_to_end(tiny_data_dir, tmp_path, capsys):
+def test_toolkit_table_end_to_end(tiny_data_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "tk"
     args = ["toolkits", "--model", "full", "--data-dir", str(tiny_data_dir), "--cache-dir", str(tmp_path / "c"),
             "--attacks", "kfgsm,pgd", "--eps", "8/255,64/255", "--n-test", "20", "--out", str(out), "--quiet",
@@ -67,7 +68,8 @@ def test_toolkit_table_end_to_end(tiny_data_dir, tmp_path, capsys):
     md = (out / "toolkits.md").read_text()
     assert "Strongest single attack" in md and "Worst case at ε=8/255" in md
     assert "| pgd" in capsys.readouterr().out
-    # a second run reuses every cell (no recomputation: identical results)
+    # a second run reuses every cell: nothing is recomputed
+    monkeypatch.setattr("robustbench_knn.evaluate._attack_cell", lambda *a, **k: pytest.fail("cell recomputed"))
     assert main(args) == 0
     again = json.loads((out / "toolkits.json").read_text())
     assert [c["robust"] for c in again["cells"]] == [c["robust"] for c in res["cells"]]
