@@ -11,7 +11,7 @@ import sys
 from fractions import Fraction
 from typing import Any, Sequence
 
-from .config import STANDARD_SUITE, ExperimentConfig, UsageError, get_model_config
+from .config import STANDARD_SUITE, ExperimentConfig, UsageError, apply_overrides, get_model_config, parse_value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,34 +32,6 @@ def parse_eps(text: str) -> list[float]:
         out.append(val)
     if not out:
         raise UsageError("--eps needs at least one value")
-    return out
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def apply_overrides(cfg: ExperimentConfig, sets: Sequence[str]) -> ExperimentConfig:
-    """--set section.field=value (e.g. train.lr=1e-4, model.w_r=64, k=5)."""
-    sections: dict[str, Any] = {}
-    for item in sets:
-        key, sep, val = item.partition("=")
-        if not sep:
-            raise UsageError(f"--set needs key=value, got {item!r}")
-        section, _, field = key.partition(".")
-        if field:
-            if section not in ("model", "loss", "train") or field not in getattr(cfg, section).__dataclass_fields__:
-                raise UsageError(f"unknown setting {key!r}")
-            sections.setdefault(section, {})[field] = _parse_value(val)
-        elif section == "k":
-            sections["k"] = int(val)
-        else:
-            raise UsageError(f"unknown setting {key!r}")
-    out = cfg.replace(**sections)
-    out.validate()
     return out
 
 
@@ -90,7 +62,7 @@ def _attack_overrides(items: Sequence[str], specs: list[Any]) -> dict[str, dict[
             raise UsageError(f"--attack-param names {name!r}, which is not in --attacks")
         if param not in spec.defaults:
             raise UsageError(f"attack {spec.key} has no parameter {param!r}; it takes {', '.join(spec.defaults)}")
-        out.setdefault(spec.key, {})[param] = _parse_value(val)
+        out.setdefault(spec.key, {})[param] = parse_value(val)
     return out
 
 

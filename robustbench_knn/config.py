@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 
 class UsageError(ValueError):
@@ -136,6 +136,35 @@ class ExperimentConfig:
             raise UsageError(f"reg_reduction must be 'mean' or 'sum', not {self.loss.reg_reduction!r}")
         if self.k < 1:
             raise UsageError("k must be >= 1")
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as JSON when it parses (numbers, true, null), else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(cfg: ExperimentConfig, sets: Sequence[str]) -> ExperimentConfig:
+    """``--set section.field=value`` (e.g. train.lr=1e-4, model.w_r=64, k=5)."""
+    sections: dict[str, Any] = {}
+    for item in sets:
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set needs key=value, got {item!r}")
+        section, _, name = key.partition(".")
+        if name:
+            if section not in ("model", "loss", "train") or name not in getattr(cfg, section).__dataclass_fields__:
+                raise UsageError(f"unknown setting {key!r}")
+            sections.setdefault(section, {})[name] = parse_value(val)
+        elif section == "k":
+            sections["k"] = int(val)
+        else:
+            raise UsageError(f"unknown setting {key!r}")
+    out = cfg.replace(**sections)
+    out.validate()
+    return out
 
 
 # The standard attack suite of the cross-toolkit table, roughly cheapest first (a partial run covers the most).

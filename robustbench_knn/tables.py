@@ -22,8 +22,7 @@ from tqdm.auto import tqdm
 
 from .attacks import AttackSpec, get_attack
 from .benchmark import _eps_label, benchmark
-from .cli import apply_overrides
-from .config import ExperimentConfig, UsageError, get_model_config
+from .config import ExperimentConfig, UsageError, apply_overrides, get_model_config
 from .store import read_json, write_json, write_text
 
 BASELINES_PATH = Path(__file__).resolve().parents[1] / "baselines" / "paper.json"
