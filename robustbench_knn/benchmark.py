@@ -87,10 +87,12 @@ def summary_frame(result: dict[str, Any]) -> pd.DataFrame:
         for key, a in r["attacks"].items():
             rows.append({"eps": _eps_label(r["eps"]), "attack": key, "clean_acc": r["clean_acc"],
                          "robust_acc": a.get("robust_acc", "REJECTED"),
-                         "zero_grad_frac": a["zero_or_nonfinite_grad_frac"], "seconds": a["seconds"]})
+                         "zero_grad_frac": a["zero_or_nonfinite_grad_frac"],
+                         "surrogate_only": a.get("surrogate_fooled_decision_right"), "seconds": a["seconds"]})
         if len(r["attacks"]) > 1:
             rows.append({"eps": _eps_label(r["eps"]), "attack": "worst case", "clean_acc": r["clean_acc"],
-                         "robust_acc": r["worst_case_acc"], "zero_grad_frac": None, "seconds": None})
+                         "robust_acc": r["worst_case_acc"], "zero_grad_frac": None, "surrogate_only": None,
+                         "seconds": None})
     return pd.DataFrame(rows)
 
 

@@ -161,7 +161,7 @@ def _attack_cell(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, idx: to
     """One attack at one ε on the points ``idx``: validity, per-sample robustness, zero-gradient count, time."""
     dev = clf.device
     robust = torch.zeros(len(x), dtype=torch.bool)
-    n_bad_grad = 0
+    n_bad_grad = n_surrogate_only = 0
     violations = {"n_nonfinite": 0, "n_out_of_box": 0, "n_out_of_ball": 0, "max_linf": 0.0}
     torch.manual_seed(seed)  # attacks with random starts draw from the global generator
     t0 = time.perf_counter()
@@ -175,7 +175,9 @@ def _attack_cell(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, idx: to
             violations[key] += getattr(rep, key)
         violations["max_linf"] = max(violations["max_linf"], rep.max_linf)
         if rep.ok:
-            robust[sel] = clf.predict(x_adv).cpu() == yb.cpu()
+            robust[sel] = right = clf.predict(x_adv).cpu() == yb.cpu()
+            with torch.no_grad():  # toolkits count a point broken when the surrogate is fooled: how often wrongly
+                n_surrogate_only += int(((clf(x_adv).argmax(1).cpu() != yb.cpu()) & right).sum())
         n_bad_grad += int(bad_gradient_mask(clf, attack, xb, yb).sum())
         tick()
     valid = violations["n_nonfinite"] + violations["n_out_of_box"] + violations["n_out_of_ball"] == 0
@@ -184,6 +186,8 @@ def _attack_cell(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, idx: to
         "seconds": round(time.perf_counter() - t0, 2), "n_attacked": len(idx),
         # over the attacked (clean-correct) points
         "zero_or_nonfinite_grad_frac": round(n_bad_grad / max(len(idx), 1), 4),
+        # adversarial examples that fool the surrogate logits but not the decision (k-NN vote)
+        "surrogate_fooled_decision_right": n_surrogate_only,
     }
     if valid:
         entry["robust_acc"] = round(100 * robust.float().mean().item(), 2)

@@ -109,3 +109,39 @@ def test_registry_names_and_errors():
         parse_attack_list(" , ")
     with pytest.raises(UsageError):
         get_attack("kfgsm").build(None, 0.1, stepz=3)
+
+
+def test_surrogate_only_successes_are_counted(tiny_clf, tiny_data):
+    """An attack whose examples fool the surrogate logits but not the k-NN vote is counted as such."""
+    x, y = _test_batch(tiny_data, 20)
+
+    class Liar(torch.nn.Module):  # surrogate logits never agree with the vote; the vote is untouched
+        n_classes = 10
+
+        def __init__(self, clf):
+            super().__init__()
+            self.clf = clf
+
+        def forward(self, z):
+            return torch.nn.functional.one_hot((self.clf.predict(z) + 1) % 10, 10).float()
+
+        def predict(self, z, batch_size=500):
+            return self.clf.predict(z)
+
+        @property
+        def device(self):
+            return self.clf.device
+
+    res = run_attacks(Liar(tiny_clf), x, y, [AttackSpec("noop", "test", _Noop)], [8 / 255], progress=False)
+    cell = res["per_eps"][0]["attacks"]["test:noop"]
+    assert cell["surrogate_fooled_decision_right"] == sum(res["clean_correct"]) == round(cell["robust_acc"] * 20 / 100)
+    res = run_attacks(tiny_clf, x, y, [AttackSpec("noop", "test", _Noop)], [8 / 255], progress=False)
+    assert res["per_eps"][0]["attacks"]["test:noop"]["surrogate_fooled_decision_right"] <= 2
+
+
+class _Noop(Attack):
+    name = "noop"
+    gradient_source = None
+
+    def perturb(self, x, y):
+        return x.clone()
