@@ -102,3 +102,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+class Scaled(torch.nn.Module):
+    """Embeddings × 10⁴: with the bank scaled too, the same k-NN decisions, but the paper's potential e^{−λD}
+    underflows to a zero gradient (the planted gradient-masking case)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z) * 1e4
+
+
+@pytest.fixture(scope="session")
+def masked_clf(tiny_clf):
+    from robustbench_knn.classifier import KNNClassifier
+
+    return KNNClassifier(Scaled(tiny_clf.net), tiny_clf.bank * 1e4, tiny_clf.bank_labels, tiny_clf.cfg)

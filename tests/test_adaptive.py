@@ -109,18 +109,10 @@ def test_vote_state_and_swap_gap(tiny_clf, tiny_data):
     assert torch.equal(gap, st.gap) and (gap >= 0).all()  # ≥ 0: a swap has not happened yet
 
 
-def test_gradient_attacks_masked_but_adaptive_ones_are_not(tiny_clf, tiny_data):
+def test_gradient_attacks_masked_but_adaptive_ones_are_not(tiny_clf, masked_clf, tiny_data):
     """Scaling embeddings and bank by 10⁴ leaves every k-NN decision unchanged but underflows the paper's
     potential (zero gradient): kFGSM finds nothing, the adaptive attacks still break the model."""
-    class Scaled(torch.nn.Module):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, z):
-            return self.net(z) * 1e4
-
-    masked = KNNClassifier(Scaled(tiny_clf.net), tiny_clf.bank * 1e4, tiny_clf.bank_labels, tiny_clf.cfg)
+    masked = masked_clf
     sub = tiny_data.test.head(30)
     x, y = sub.floats(), sub.y
     assert torch.equal(masked.predict(x), tiny_clf.predict(x))

@@ -88,13 +88,11 @@ def test_zero_gradient_is_counted(tiny_clf, tiny_data):
     """Points far from every bank point make e^{-λD} underflow: the paper's loss has zero gradient there."""
     x, y = _test_batch(tiny_data, 10)
 
-    class Far(torch.nn.Module):
-        def forward(self, z):
-            return tiny_clf.net(z) * 1e4
-
     from robustbench_knn.classifier import KNNClassifier
 
-    far = KNNClassifier(Far(), tiny_clf.bank, tiny_clf.bank_labels, tiny_clf.cfg)
+    from .conftest import Scaled
+
+    far = KNNClassifier(Scaled(tiny_clf.net), tiny_clf.bank, tiny_clf.bank_labels, tiny_clf.cfg)
     res = run_attacks(far, x, y, [get_attack("kfgsm")], [8 / 255], progress=False)
     assert res["per_eps"][0]["attacks"]["native:kfgsm"]["zero_or_nonfinite_grad_frac"] == 1.0
     res = run_attacks(tiny_clf, x, y, [get_attack("kfgsm")], [8 / 255], progress=False)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from robustbench_knn.audit import attribution, run_audit, save_audit
-from robustbench_knn.classifier import KNNClassifier
 from robustbench_knn.cli import main
 from robustbench_knn.plots import figure3_config, figure3_points, plot_eps_curves, plot_figure3
 
@@ -21,17 +20,6 @@ SMALL = dict(standard=("kfgsm", "aa:apgd"), adaptive=("feature", "softknn-apgd",
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class Scaled(torch.nn.Module):
-    """Embeddings × 10⁴: the same k-NN decisions, but the paper's potential e^{−λD} underflows (zero gradient)."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, z):
-        return self.net(z) * 1e4
-
-
 def _batch(tiny_data, n=30):
     sub = tiny_data.test.head(n)
     return sub.floats(), sub.y
@@ -41,10 +29,9 @@ def _checks(res):
     return {c["name"]: c["verdict"] for c in res["checks"]}
 
 
-def test_audit_flags_planted_gradient_masking(tiny_clf, tiny_data):
-    masked = KNNClassifier(Scaled(tiny_clf.net), tiny_clf.bank * 1e4, tiny_clf.bank_labels, tiny_clf.cfg)
+def test_audit_flags_planted_gradient_masking(masked_clf, tiny_data):
     x, y = _batch(tiny_data)
-    res = run_audit(masked, x, y, 16 / 255, **SMALL)
+    res = run_audit(masked_clf, x, y, 16 / 255, **SMALL)
     checks = _checks(res)
     assert not res["verdict"]["trusted"] and res["verdict"]["status"] == "NOT TRUSTED"
     assert "cannot be trusted" in res["verdict"]["text"]
