@@ -23,7 +23,7 @@ from .attacks import AttackSpec, get_attack, input_gradient, parse_attack_list
 from .attacks.adaptive import ADAPTIVE_SUITE
 from .attacks.transfer import transfer_sources, trained_sources
 from .config import ExperimentConfig, UsageError
-from .evaluate import run_attacks, versions
+from .evaluate import robust_mask, run_attacks, versions
 
 STANDARD_SUITE = ("kfgsm", "aa:apgd", "aa:apgd-t", "square")
 QUICK_STANDARD = ("kfgsm", "aa:apgd")
@@ -57,10 +57,6 @@ def attack_family(spec: AttackSpec, clf: torch.nn.Module) -> str:
         attack = spec.build(clf, 1 / 255)
         family = "gradient-free" if attack.gradient_source is None else "white-box"
     return family
-
-
-def _robust(entry: dict[str, Any]) -> torch.Tensor | None:
-    return torch.tensor(entry["robust"], dtype=torch.bool) if entry.get("valid") else None
 
 
 def _acc(mask: torch.Tensor) -> float:
@@ -226,7 +222,7 @@ def convergence_runs(run: _Runner, keys: list[str], params: dict[str, dict[str, 
             entry = run.entry(key, {**params[key], **_scaled(params[key], f)})
             if entry["valid"]:
                 curves[key].append((f, entry["robust_acc"]))
-                order.append((f"{key} ×{f:g}", _robust(entry)))
+                order.append((f"{key} ×{f:g}", robust_mask(entry)))
         curves[key].sort()
     return curves
 
@@ -239,7 +235,7 @@ def single_step_run(run: _Runner, acc: dict[str, float], order: list[tuple[str, 
     entry = run.entry("native:kfgsm", {"steps": 1, "step_ratio": 1.0})
     if not entry["valid"]:
         return None
-    order.append(("fgsm (kfgsm ×1 step)", _robust(entry)))
+    order.append(("fgsm (kfgsm ×1 step)", robust_mask(entry)))
     return entry["robust_acc"], acc["native:kfgsm"]
 
 
@@ -254,7 +250,7 @@ def eps_curves(run: _Runner, swept: list[str], sweep_eps: tuple[float, ...] | li
         for k in swept:
             if by_eps[e][k]["valid"]:
                 curves[k].append((e, by_eps[e][k]["robust_acc"]))
-                worst &= _robust(by_eps[e][k])
+                worst &= robust_mask(by_eps[e][k])
         curves["worst case"].append((e, _acc(worst)))
     return curves
 
@@ -292,7 +288,7 @@ def run_audit(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     acc = {k: a["robust_acc"] for k, a in r["attacks"].items() if a["valid"]}
     if not acc:
         raise UsageError("every attack was rejected; nothing to audit")
-    order = [(k, _robust(r["attacks"][k])) for k in acc]
+    order = [(k, robust_mask(r["attacks"][k])) for k in acc]
     std_valid = [k for k in std_keys if k in acc]
     adp_valid = [k for k in acc if k not in std_keys]
     wb_adaptive = [k for k in adp_valid if families[k] == "white-box"]

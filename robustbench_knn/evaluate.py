@@ -12,8 +12,8 @@ import json
 import os
 import platform
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -142,7 +142,7 @@ def run_attacks(
                 if path is not None:
                     write_json(path, entry)
             if entry["valid"]:
-                worst &= torch.tensor(entry["robust"], dtype=torch.bool)
+                worst &= robust_mask(entry)
             attacks_out[spec.key] = entry
         per_eps.append({
             "eps": eps, "clean_acc": round(100 * clean_ok.float().mean().item(), 2),
@@ -154,6 +154,11 @@ def run_attacks(
     rejected = [f"{k} at eps={r['eps']:.4f}" for r in per_eps for k, a in r["attacks"].items() if not a["valid"]]
     return {"n": len(x), "clean_pred": clean_pred.tolist(), "clean_correct": clean_ok.int().tolist(),
             "per_eps": per_eps, "rejected_attacks": rejected}
+
+
+def robust_mask(entry: dict[str, Any]) -> torch.Tensor | None:
+    """Per-sample robustness of a finished cell; None for a rejected attack (it proves nothing)."""
+    return torch.tensor(entry["robust"], dtype=torch.bool) if entry.get("valid") else None
 
 
 def _attack_cell(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, spec: AttackSpec,

@@ -23,7 +23,7 @@ from .benchmark import DATASET_NAME, _eps_label, cell_dir
 from .classifier import build_classifier
 from .config import STANDARD_SUITE, ExperimentConfig, UsageError
 from .data import load_cifar10
-from .evaluate import run_attacks, versions
+from .evaluate import robust_mask, run_attacks, versions
 from .store import write_json, write_text
 from .train import resolve_device, train_model
 
@@ -87,10 +87,6 @@ def run_compare(
     return result
 
 
-def _robust(cell: dict[str, Any]) -> torch.Tensor | None:
-    return torch.tensor(cell["robust"], dtype=torch.bool) if cell.get("valid") else None
-
-
 def compare_frame(result: dict[str, Any]) -> pd.DataFrame:
     """Rows: attack × toolkit × surrogate, then worst cases; columns per ε: robust accuracy and seconds."""
     clean = torch.tensor(result["clean_correct"], dtype=torch.bool)
@@ -103,7 +99,7 @@ def compare_frame(result: dict[str, Any]) -> pd.DataFrame:
         row[f"robust {lab}"] = c.get("robust_acc", "REJECTED")
         row[f"zero-grad {lab}"] = c["zero_or_nonfinite_grad_frac"]
         row[f"seconds {lab}"] = c["seconds"]
-        rob = _robust(c)
+        rob = robust_mask(c)
         if rob is not None:
             for group in (c["surrogate"], "all"):
                 key = (group, c["eps"])

@@ -26,8 +26,8 @@ from ..config import UsageError
 from ..losses import pairwise_distance
 from ..surrogate import SoftKNNSurrogate
 from .apgd_core import apgd
-from .base import Attack, input_gradient, register, register_group
-from .knn_tools import (BestIterate, embed_batched, kth_distance, project, random_start, require_knn,
+from .base import Attack, input_gradient, project, register, register_group
+from .knn_tools import (BestIterate, embed_batched, kth_distance, random_start, require_knn,
                         set_distance)
 
 

@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from .knn_tools import project, random_start
+from .base import project
+from .knn_tools import random_start
 
 # (x of the active samples, their indices in the batch) -> (loss to maximise (n,), its input gradient, done (n,) | None)
 LossGrad = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]"]

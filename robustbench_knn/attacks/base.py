@@ -104,6 +104,11 @@ def parse_attack_list(text: str) -> list[AttackSpec]:
     return list(specs.values())
 
 
+def project(x_adv: torch.Tensor, x0: torch.Tensor, eps: float) -> torch.Tensor:
+    """Onto the ℓ∞ ball of radius ``eps`` around ``x0`` and the [0, 1] box."""
+    return torch.min(torch.max(x_adv, x0 - eps), x0 + eps).clamp(0.0, 1.0)
+
+
 def input_gradient(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """∇_x Σ fn(x); weights are frozen, so only the input carries a gradient."""
     x = x.detach().clone().requires_grad_(True)

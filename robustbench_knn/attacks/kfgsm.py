@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Attack, input_gradient, register
+from .base import Attack, input_gradient, project, register
 
 
 @register("kfgsm", "native", {"steps": 30, "step_ratio": 0.1},
@@ -20,5 +20,5 @@ class KFGSM(Attack):
         for _ in range(steps):
             grad = input_gradient(lambda z: self.model.attack_objective(z, y), x_adv)
             x_adv = x_adv + alpha * grad.sign()
-            x_adv = torch.min(torch.max(x_adv, x0 - self.eps), x0 + self.eps).clamp(0.0, 1.0)
+            x_adv = project(x_adv, x0, self.eps)
         return x_adv.detach()

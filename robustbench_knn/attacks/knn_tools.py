@@ -1,4 +1,4 @@
-"""Shared pieces of the adaptive attacks: the ℓ∞ projection, the HARD k-NN vote state an attack keeps its best
+"""Shared pieces of the adaptive attacks: the random start, the HARD k-NN vote state an attack keeps its best
 iterate by, and distances from each point to its own set of bank points.
 
 Adaptive attacks judge their iterates by the real k-NN decision (not by the surrogate they follow), so a
@@ -13,11 +13,7 @@ import torch
 
 from ..knn import DEFAULT_CHUNK, knn_votes, vote_decision, vote_margin
 from ..losses import pairwise_distance, split_spaces
-
-
-def project(x_adv: torch.Tensor, x0: torch.Tensor, eps: float) -> torch.Tensor:
-    """Onto the ℓ∞ ball of radius ``eps`` around ``x0`` and the [0, 1] box."""
-    return torch.min(torch.max(x_adv, x0 - eps), x0 + eps).clamp(0.0, 1.0)
+from .base import project
 
 
 def random_start(x0: torch.Tensor, eps: float) -> torch.Tensor:
