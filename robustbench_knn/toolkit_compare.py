@@ -69,9 +69,8 @@ def run_compare(
         "eps": eps_list, "surrogates": list(surrogates), "cells": [],
     }
     t0 = time.perf_counter()
-    jobs = [(spec, s) for spec in specs for s in surrogates
-            # native attacks follow the model's own objective, not a surrogate: one run serves both
-            if not (spec.toolkit == "native" and s != surrogates[0])]
+    jobs = plan_jobs(specs, surrogates)
+    result["planned"] = [_row_key(spec, sur) for spec, sur in jobs]
     for spec, sur in tqdm(jobs, desc="toolkit table", disable=not progress, unit="cell"):
         # the model's own cell cache: cells finished by `evaluate` or `audit` on the same images are reused
         res = run_attacks(clfs[sur], x, y, [spec], eps_list, batch_size=batch_size, progress=progress, seed=seed,
@@ -79,18 +78,29 @@ def run_compare(
         result["clean_correct"] = res["clean_correct"]
         for r in res["per_eps"]:
             entry = r["attacks"][spec.key]
-            result["cells"].append({"attack": spec.name, "toolkit": spec.toolkit, "key": spec.key,
-                                    "surrogate": "objective" if spec.toolkit == "native" else sur,
-                                    "eps": r["eps"], **entry})
+            result["cells"].append({**_row_key(spec, sur), "key": spec.key, "eps": r["eps"], **entry})
         result["wall_seconds"] = round(time.perf_counter() - t0, 1)
         save_compare(result, out)
     return result
 
 
+def plan_jobs(specs: list[AttackSpec], surrogates: tuple[str, ...] | list[str]) -> list[tuple[AttackSpec, str]]:
+    """(attack, surrogate) cells in run order; native attacks follow the model's own objective, not a
+    surrogate, so one run serves every surrogate."""
+    return [(spec, s) for spec in specs for s in surrogates if not (spec.toolkit == "native" and s != surrogates[0])]
+
+
+def _row_key(spec: AttackSpec, surrogate: str) -> dict[str, str]:
+    return {"attack": spec.name, "toolkit": spec.toolkit,
+            "surrogate": "objective" if spec.toolkit == "native" else surrogate}
+
+
 def compare_frame(result: dict[str, Any]) -> pd.DataFrame:
     """Rows: attack × toolkit × surrogate, then worst cases; columns per ε: robust accuracy and seconds."""
     clean = torch.tensor(result["clean_correct"], dtype=torch.bool)
-    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    # planned cells come first, so a cell that has not run yet shows as "not run" instead of vanishing
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {
+        (p["attack"], p["toolkit"], p["surrogate"]): dict(p) for p in result.get("planned", [])}
     worst: dict[tuple[str, float], torch.Tensor] = {}
     for c in result["cells"]:
         lab = _eps_label(c["eps"])
@@ -125,6 +135,16 @@ def strongest(result: dict[str, Any]) -> dict[str, str]:
     return {k: v[1] for k, v in best.items()}
 
 
+def _shown(df: pd.DataFrame) -> pd.DataFrame:
+    """Missing cells as None (printed "not run"); per-cell columns of the worst-case rows as "–" (no such cell)."""
+    shown = df.astype(object).where(df.notna(), None)
+    worst = shown["attack"] == "worst case"
+    for col in shown.columns:
+        if col.startswith(("zero-grad", "seconds")):
+            shown.loc[worst, col] = "–"
+    return shown
+
+
 def render_compare(result: dict[str, Any]) -> str:
     df = compare_frame(result)
     clean = 100 * sum(result["clean_correct"]) / len(result["clean_correct"])
@@ -138,7 +158,7 @@ def render_compare(result: dict[str, Any]) -> str:
         "Surrogate `objective` = the paper's attack loss (kFGSM follows it, whatever the toolkits' surrogate). "
         "`zero-grad` = fraction of attacked points whose guiding gradient is exactly zero or non-finite.",
         "",
-        tabulate(df, headers="keys", tablefmt="github", showindex=False, missingval="not run"),
+        tabulate(_shown(df), headers="keys", tablefmt="github", showindex=False, missingval="not run"),
         "",
         "Strongest single attack: " + "; ".join(f"ε={k}: {v}" for k, v in strongest(result).items()) + ".",
     ]

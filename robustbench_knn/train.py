@@ -115,7 +115,7 @@ def train_model(
     path = model_dir(cfg, cache_dir)
     final = path / "weights.safetensors"
     net = _init_net(cfg, fit, dev)
-    if final.is_file():
+    if final.is_file() and (path / "train_log.json").is_file():  # both, or it is retrained
         net.load_state_dict(load_tensors(final, dev))
         return TrainedModel(cfg, net, fit, val, read_json(path / "train_log.json"), path)
 

@@ -91,3 +91,28 @@ def test_cells_are_tied_to_the_weights(tiny_clf, tiny_data, tmp_path):
     other = KNNClassifier(tiny_clf.net, tiny_clf.bank + 1e-3, tiny_clf.bank_labels, tiny_clf.cfg)
     run_attacks(other, sub.floats(), sub.y, [get_attack("kfgsm")], [8 / 255], progress=False, cell_dir=tmp_path)
     assert len(list(tmp_path.glob("*.json"))) == 2
+
+
+def test_planned_cells_not_yet_run_show_as_not_run(tiny_data_dir, tmp_path, monkeypatch):
+    """An interrupted table keeps a row for every planned cell; the unfinished ones read "not run"."""
+    out = tmp_path / "tk"
+    real = toolkit_compare.run_attacks
+    calls = {"n": 0}
+
+    def stop_after_first(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(toolkit_compare, "run_attacks", stop_after_first)
+    args = ["toolkits", "--model", "full", "--data-dir", str(tiny_data_dir), "--cache-dir", str(tmp_path / "c"),
+            "--attacks", "kfgsm,pgd", "--eps", "8/255", "--n-test", "20", "--out", str(out), "--quiet",
+            *[a for s in TINY_SETS for a in ("--set", s)]]
+    assert main(args) == 130  # interrupted after the first cell
+    res = json.loads((out / "toolkits.json").read_text())
+    assert len(res["planned"]) == 5 and len(res["cells"]) == 1
+    df = toolkit_compare.compare_frame(res)
+    assert len(df[df["attack"] == "pgd"]) == 4 and df[df["attack"] == "pgd"]["robust 8/255"].isna().all()
+    md = (out / "toolkits.md").read_text()
+    assert md.count("not run") == 4 * 3  # robust, zero-grad and seconds of each unfinished pgd cell
