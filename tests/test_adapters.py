@@ -70,3 +70,15 @@ def test_softknn_logits_are_log_space_and_agree_with_knn(tiny_trained, tiny_data
     assert agree > 0.8
     far = build_classifier(tiny_trained, "softknn", m=5, temperature=1e-3)  # would underflow outside log-space
     assert torch.isfinite(far(x[:5])).all()
+
+
+def test_torchattacks_autoattack_uses_the_published_standard_settings(tiny_clf):
+    """torchattacks.AutoAttack ships 10-step APGD/APGD-T/FAB; AutoAttack's standard is 100 iterations."""
+    import torchattacks as ta
+
+    atk = get_attack("ta:autoattack").build(tiny_clf, 8 / 255).atk
+    kinds = [type(a) for a in atk.attacks]
+    assert kinds == [ta.APGD, ta.APGDT, ta.FAB, ta.Square]
+    assert [a.steps for a in atk.attacks[:3]] == [100, 100, 100]
+    assert atk.attacks[0].loss == "ce" and atk.attacks[2].multi_targeted and atk.attacks[3].n_queries == 5000
+    assert all(a.eps == 8 / 255 for a in atk.attacks)

@@ -48,7 +48,31 @@ _register("fab-t", {"steps": 100, "n_restarts": 1, "seed": 0}, "torchattacks.FAB
           lambda m, eps, **p: ta.FAB(m, norm="Linf", eps=eps, multi_targeted=True, n_classes=N, **p))
 _register("square", {"n_queries": 5000, "n_restarts": 1, "p_init": 0.8, "seed": 0}, "torchattacks.Square (margin loss)",
           lambda m, eps, **p: ta.Square(m, norm="Linf", eps=eps, **p), gradient_free=True)
-_register("autoattack", {"seed": 0}, "torchattacks.AutoAttack, standard",
-          lambda m, eps, seed: ta.AutoAttack(m, norm="Linf", eps=eps, version="standard", n_classes=N, seed=seed))
-_register("autoattack-plus", {"seed": 0}, "torchattacks.AutoAttack, plus",
-          lambda m, eps, seed: ta.AutoAttack(m, norm="Linf", eps=eps, version="plus", n_classes=N, seed=seed))
+def _ensemble(m: torch.nn.Module, eps: float, seed: int, steps: int, plus: bool) -> Any:
+    """AutoAttack through torchattacks' public classes at AutoAttack's published settings.
+
+    ``torchattacks.AutoAttack`` leaves APGD, APGD-T and FAB at torchattacks' 10-step defaults; the reference
+    (Croce & Hein 2020) runs them for 100 iterations. ``MultiAttack`` keeps torchattacks' own logic (each
+    attack runs on the points the previous ones did not break)."""
+    kw = {"norm": "Linf", "eps": eps, "seed": seed}
+    if not plus:
+        attacks = [ta.APGD(m, loss="ce", steps=steps, n_restarts=1, **kw),
+                   ta.APGDT(m, steps=steps, n_restarts=1, n_classes=N, **kw),
+                   ta.FAB(m, steps=steps, multi_targeted=True, n_restarts=1, n_classes=N, **kw),
+                   ta.Square(m, n_queries=5000, n_restarts=1, **kw)]
+    else:
+        attacks = [ta.APGD(m, loss="ce", steps=steps, n_restarts=5, **kw),
+                   ta.APGD(m, loss="dlr", steps=steps, n_restarts=5, **kw),
+                   ta.FAB(m, steps=steps, n_restarts=5, n_classes=N, **kw),
+                   ta.Square(m, n_queries=5000, n_restarts=1, **kw),
+                   ta.APGDT(m, steps=steps, n_restarts=1, n_classes=N, **kw),
+                   ta.FAB(m, steps=steps, multi_targeted=True, n_restarts=1, n_classes=N, **kw)]
+    return ta.MultiAttack(attacks)
+
+
+_register("autoattack", {"seed": 0, "steps": 100},
+          "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5000) from torchattacks' classes, 100 iterations",
+          lambda m, eps, seed, steps: _ensemble(m, eps, seed, steps, plus=False))
+_register("autoattack-plus", {"seed": 0, "steps": 100},
+          "AutoAttack plus (+ APGD-DLR, FAB, 5 restarts) from torchattacks' classes, 100 iterations",
+          lambda m, eps, seed, steps: _ensemble(m, eps, seed, steps, plus=True))
