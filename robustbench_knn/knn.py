@@ -53,19 +53,9 @@ def vote_decision(votes: torch.Tensor, dist_sum: torch.Tensor) -> torch.Tensor:
     return masked.argmin(1)  # argmin returns the first (lowest) index among exact ties
 
 
-def knn_predict(
-    emb: torch.Tensor,
-    train_emb: torch.Tensor,
-    train_labels: torch.Tensor,
-    *,
-    k: int = 800,
-    n_spaces: int = 2,
-    n_classes: int = 10,
-    chunk: int = DEFAULT_CHUNK,
-) -> torch.Tensor:
-    """Hard k-NN labels (N,) as int64."""
-    votes, dsum = knn_votes(emb, train_emb, train_labels, k=k, n_spaces=n_spaces, n_classes=n_classes, chunk=chunk)
-    return vote_decision(votes, dsum)
+def knn_predict(emb: torch.Tensor, train_emb: torch.Tensor, train_labels: torch.Tensor, **options: int) -> torch.Tensor:
+    """Hard k-NN labels (N,) as int64; ``options`` are those of :func:`knn_votes` (k, n_spaces, n_classes, chunk)."""
+    return vote_decision(*knn_votes(emb, train_emb, train_labels, **options))
 
 
 def vote_margin(votes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -100,17 +100,9 @@ def class_potentials(
     return same_class + (a.sum(1, keepdim=True) - per_class_a) / n_classes
 
 
-def attack_loss(
-    emb: torch.Tensor,
-    labels: torch.Tensor,
-    train_emb: torch.Tensor,
-    train_labels: torch.Tensor,
-    *,
-    n_spaces: int = 2,
-    lam: float = 0.5,
-    l0: float = 7.0,
-    n_classes: int = 10,
-) -> torch.Tensor:
-    """§2.5, one value per test point against all training embeddings, shape (N,). The attacker maximises it."""
-    pots = class_potentials(emb, train_emb, train_labels, n_spaces=n_spaces, lam=lam, l0=l0, n_classes=n_classes)
+def attack_loss(emb: torch.Tensor, labels: torch.Tensor, train_emb: torch.Tensor, train_labels: torch.Tensor,
+                **options: float) -> torch.Tensor:
+    """§2.5, one value per test point against all training embeddings, shape (N,). The attacker maximises it.
+    ``options`` are those of :func:`class_potentials` (n_spaces, lam, l0, n_classes)."""
+    pots = class_potentials(emb, train_emb, train_labels, **options)
     return pots.gather(1, labels.view(-1, 1)).squeeze(1)
