@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--out", default="tables/toolkits", help="folder for toolkits.{md,csv,json}")
+    p.add_argument("--render-only", action="store_true", help="rebuild toolkits.{md,csv} from toolkits.json, no computing")
 
     p = sub.add_parser("search", help="search the recipe choices the paper leaves open, on a validation split")
     p.add_argument("--variants", default="all")
@@ -203,11 +204,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_toolkits(args: argparse.Namespace) -> None:
     from .surrogate import SURROGATES
-    from .toolkit_compare import render_compare, run_compare, suite_specs
+    from .toolkit_compare import render_compare, rerender, run_compare, suite_specs
 
-    cfg = _model_config(args)
     names = [n.strip() for n in args.attacks.split(",") if n.strip()]
     suite_specs(names)  # validates the names before any work
+    if args.render_only:
+        print(render_compare(rerender(args.out, names)))
+        return
+    cfg = _model_config(args)
     surrogates = [s.strip() for s in args.surrogates.split(",") if s.strip()]
     bad = [s for s in surrogates if s not in SURROGATES]
     if bad or not surrogates:

@@ -24,7 +24,7 @@ from .classifier import build_classifier
 from .config import STANDARD_SUITE, ExperimentConfig, UsageError
 from .data import load_cifar10
 from .evaluate import robust_mask, run_attacks, versions
-from .store import write_json, write_text
+from .store import read_json, write_json, write_text
 from .train import resolve_device, train_model
 
 PAPER = {8: 45.48, 16: 35.69}  # the paper's Table 1 robust accuracy of FULL at ε = 8/255, 16/255
@@ -169,6 +169,18 @@ def render_compare(result: dict[str, Any]) -> str:
             val = float(worst_all[col].iloc[0])
             lines.append(f"Worst case at ε={lab}: {val:.2f}%, {paper - val:.2f} points below the paper's {paper}%.")
     return "\n".join(lines) + "\n"
+
+
+def rerender(out_dir: str | os.PathLike, names: tuple[str, ...] | list[str] = STANDARD_SUITE) -> dict[str, Any]:
+    """Rebuild ``toolkits.{md,csv}`` from the stored ``toolkits.json`` alone (no computing), with the cells
+    planned for ``names`` (a table stored before plans were recorded gets them too)."""
+    path = Path(out_dir) / "toolkits.json"
+    if not path.is_file():
+        raise UsageError(f"--render-only needs {path}; run the table first")
+    result = read_json(path)
+    result["planned"] = [_row_key(spec, sur) for spec, sur in plan_jobs(suite_specs(names), result["surrogates"])]
+    save_compare(result, out_dir)
+    return result
 
 
 def save_compare(result: dict[str, Any], out_dir: str | os.PathLike) -> Path:

@@ -116,3 +116,9 @@ def test_planned_cells_not_yet_run_show_as_not_run(tiny_data_dir, tmp_path, monk
     assert len(df[df["attack"] == "pgd"]) == 4 and df[df["attack"] == "pgd"]["robust 8/255"].isna().all()
     md = (out / "toolkits.md").read_text()
     assert md.count("not run") == 4 * 3  # robust, zero-grad and seconds of each unfinished pgd cell
+    # --render-only rebuilds the same files from the stored JSON without computing anything
+    (out / "toolkits.md").unlink()
+    monkeypatch.setattr(toolkit_compare, "run_attacks", lambda *a, **k: pytest.fail("computed in --render-only"))
+    assert main([*args, "--render-only"]) == 0
+    assert (out / "toolkits.md").read_text() == md
+    assert main(["toolkits", "--render-only", "--out", str(tmp_path / "none")]) == 2
