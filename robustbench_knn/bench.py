@@ -1,6 +1,8 @@
 """Speed benchmark (prints figures; no thresholds): training step vs plain matmul throughput, k-NN over a
-10k × 50k bank, and attack throughput. Uses a freshly initialised FULL model and random data: speed does
-not depend on the weights."""
+10k × 50k bank (fast path vs the dense exact rule), and attack throughput of the project's own attacks
+beside the toolkits' (kFGSM vs torchattacks' BIM, the APGD core vs AutoAttack's APGD-CE), every pair
+measured in the same run on the same model and surrogate. Uses a freshly initialised FULL model and random
+data: speed does not depend on the weights."""
 
 from __future__ import annotations
 
@@ -9,15 +11,19 @@ from typing import Any, Callable
 
 import torch
 
+import torch.nn.functional as F
+
 from .classifier import KNNClassifier
 from .config import ExperimentConfig
-from .knn import knn_predict
+from .knn import knn_votes
 from .model import IdResNet
 from .train import _optimizer, objective, resolve_device
 
 
-def _timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
+def _timed(fn: Callable[[], Any], repeats: int, device: torch.device, warmup: bool = True) -> float:
+    """Seconds per call; the warm-up call is skipped for calls of many seconds (one-time costs are noise there)."""
+    if warmup:
+        fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -29,7 +35,7 @@ def _timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
 
 
 def run_bench(cfg: ExperimentConfig, *, device: str = "auto", repeats: int = 3, n_test: int = 10000,
-              n_bank: int = 50000, attack_batch: int = 250) -> dict[str, float]:
+              n_bank: int = 50000, attack_batch: int = 250, attack_steps: int = 10) -> dict[str, float]:
     dev = resolve_device(device)
     torch.manual_seed(0)
     out: dict[str, float] = {}
@@ -59,17 +65,60 @@ def run_bench(cfg: ExperimentConfig, *, device: str = "auto", repeats: int = 3, 
     bank = torch.randn(n_bank, cfg.model.w_p, device=dev)
     labels = torch.randint(0, cfg.model.n_classes, (n_bank,), device=dev)
     k = min(cfg.k, n_bank)
-    out["knn_seconds"] = _timed(lambda: knn_predict(emb, bank, labels, k=k, n_spaces=cfg.model.n_spaces), 1, dev)
+    for method in ("fast", "dense"):
+        out[f"knn_{method}_seconds"] = _timed(
+            lambda: knn_votes(emb, bank, labels, k=k, n_spaces=cfg.model.n_spaces, method=method), 1, dev,
+            warmup=dev.type == "cuda")
+    out["knn_speedup"] = out["knn_dense_seconds"] / out["knn_fast_seconds"]
     out["knn_shape"] = float(n_test * n_bank)
 
     net.eval()
     clf = KNNClassifier(net, bank * 3, labels, cfg).to(dev)
     xa = torch.rand(attack_batch, 3, 32, 32, device=dev)
-    ya = torch.randint(0, cfg.model.n_classes, (attack_batch,), device=dev)
-    from .attacks import get_attack
-
-    attack = get_attack("kfgsm").build(clf, 8 / 255, steps=5)
-    t = _timed(lambda: attack(xa, ya), 1, dev)
-    out["attack_image_steps_per_second"] = attack_batch * 5 / t
+    with torch.no_grad():  # labels the surrogate gets right, so every toolkit attacks every point
+        ya = clf(xa).argmax(1)
+    out.update(attack_throughput(clf, xa, ya, steps=attack_steps, device=dev))
     out["device"] = str(dev)  # type: ignore[assignment]
+    return out
+
+
+def attack_throughput(clf: KNNClassifier, x: torch.Tensor, y: torch.Tensor, *, steps: int, device: torch.device,
+                      eps: float = 8 / 255) -> dict[str, float]:
+    """Image-gradient-steps per second of each attack pair on the same classifier and surrogate:
+    kFGSM (the §2.5 objective) vs torchattacks' BIM (CE on the surrogate logits), same steps and step size;
+    the APGD core of ``softknn-apgd`` vs AutoAttack's APGD-CE, both on CE of the surrogate logits, same
+    iterations. Each figure counts the gradient evaluations the attack makes."""
+    from pyautoattack.autopgd_base import APGDAttack
+
+    from .attacks import get_attack
+    from .attacks.apgd_core import apgd
+    from .attacks.base import input_gradient
+
+    n = len(x)
+    out: dict[str, float] = {}
+    kfgsm = get_attack("kfgsm").build(clf, eps, steps=steps, step_ratio=0.1)
+    bim = get_attack("ta:bim").build(clf, eps, steps=steps, step_ratio=0.1)
+    warm = device.type == "cuda"  # on the CPU each call takes many seconds: no warm-up pass
+    out["kfgsm_image_steps_per_second"] = n * steps / _timed(lambda: kfgsm(x, y), 1, device, warm)
+    out["ta_bim_image_steps_per_second"] = n * steps / _timed(lambda: bim(x, y), 1, device, warm)
+    out["kfgsm_vs_ta_bim"] = out["kfgsm_image_steps_per_second"] / out["ta_bim_image_steps_per_second"]
+
+    def ce_loss_grad(xs: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        seen: dict[str, torch.Tensor] = {}
+
+        def ce(z: torch.Tensor) -> torch.Tensor:  # loss and gradient from one forward, as softknn-apgd does
+            seen["loss"] = F.cross_entropy(clf(z), y[idx], reduction="none")
+            return seen["loss"]
+
+        grad = input_gradient(ce, xs)
+        return seen["loss"].detach(), grad, None
+
+    # apgd(steps) evaluates the gradient `steps` times; AutoAttack's attack_single_run n_iter + 1 times
+    out["apgd_core_image_steps_per_second"] = n * steps / _timed(lambda: apgd(ce_loss_grad, x, eps, steps), 1,
+                                                                 device, warm)
+    aa = APGDAttack(clf, n_iter=steps, norm="Linf", n_restarts=1, eps=eps, loss="ce", seed=0, device=device)
+    aa.init_hyperparam(x)  # what its perturb() does before attack_single_run
+    out["aa_apgd_ce_image_steps_per_second"] = n * (steps + 1) / _timed(lambda: aa.attack_single_run(x, y), 1,
+                                                                        device, warm)
+    out["apgd_core_vs_aa_apgd_ce"] = out["apgd_core_image_steps_per_second"] / out["aa_apgd_ce_image_steps_per_second"]
     return out

@@ -78,8 +78,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _version() -> str:
+    """The installed distribution's version; the package's own when run from a checkout without installing."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("robustbench-knn")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="robustbench-knn", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train a model (cached by config hash)")
@@ -109,8 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--render-only", action="store_true", help="rebuild toolkits.{md,csv} from toolkits.json, no computing")
 
     p = sub.add_parser("search", help="search the recipe choices the paper leaves open, on a validation split")
-    p.add_argument("--variants", default="all")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--variants", default="default",
+                   help="comma-separated NORM_LR_REG[_cos] names (e.g. image_3e-4_mean2), or 'default'")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--n-train", type=int, help="fit on only the first N training images (quick tries)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a FULL setting before the variant's (quick tries: model.w_r=64, k=50)")
+    p.add_argument("--report-test", action="store_true",
+                   help="also store each model's clean test accuracy, as information (the choice uses validation)")
     p.add_argument("--val-size", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="tables/recipe_search")
@@ -162,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="full")
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--attack-steps", type=int, default=10, help="steps of each attack in the throughput pairs")
     return parser
 
 
@@ -236,14 +256,14 @@ def cmd_attacks(args: argparse.Namespace) -> None:
 
 def cmd_search(args: argparse.Namespace) -> None:
     from .data import load_cifar10
-    from .search import VARIANTS, run_search
+    from .search import DEFAULT_ORDER, parse_variant, run_search
 
-    names = list(VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(",")]
+    names = list(DEFAULT_ORDER) if args.variants == "default" else [v.strip() for v in args.variants.split(",")]
     for n in names:
-        if n not in VARIANTS:
-            raise UsageError(f"unknown variant {n!r}; choose from {', '.join(VARIANTS)}")
+        parse_variant(n)
     df = run_search(load_cifar10(args.data_dir), names, epochs=args.epochs, val_size=args.val_size, out=args.out,
-                    device=args.device, cache_dir=args.cache_dir, seed=args.seed)
+                    device=args.device, cache_dir=args.cache_dir, seed=args.seed, n_train=args.n_train,
+                    sets=args.set or [], report_test=args.report_test)
     print(df.to_markdown(index=False))
 
 
@@ -360,7 +380,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import run_bench
 
-    res = run_bench(get_model_config(args.model), device=args.device, repeats=args.repeats)
+    res = run_bench(get_model_config(args.model), device=args.device, repeats=args.repeats,
+                    attack_steps=args.attack_steps)
     for k, v in res.items():
         print(f"{k:32s} {v:.4g}" if isinstance(v, float) else f"{k:32s} {v}")
 

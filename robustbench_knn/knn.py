@@ -17,6 +17,46 @@ from .losses import pairwise_distance
 DEFAULT_CHUNK = 256
 
 
+def _select_exact(dist: torch.Tensor, k: int) -> torch.Tensor:
+    """The documented neighbour rule over every column: a 0/1 mask of the k selected training points
+    (the k smallest distances; ties at the k-th distance go to the lower training index)."""
+    kth = torch.topk(dist, k, dim=1, largest=False, sorted=False).values.amax(1, keepdim=True)
+    below = dist < kth
+    at = dist == kth
+    need = k - below.sum(1, keepdim=True)
+    return below | (at & (at.cumsum(1) <= need))
+
+
+def _vote_chunk(dist: torch.Tensor, labels: torch.Tensor, k: int, n_classes: int, method: str = "fast"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Votes and per-class distance sums of one chunk of rows.
+
+    Fast path: the k+1 smallest distances (``topk`` indices). When the k-th is strictly below the (k+1)-th,
+    the k nearest are one unambiguous set and only those k columns are summed. Rows where the two are
+    equal have a tie at the k-th distance; only they go through the exact rule over all columns (masks and
+    a cumulative sum, the slow part), so decisions equal the exact rule's on every row. ``method="dense"``
+    sends every row through the exact rule (the implementation before the fast path; kept for the bench).
+    """
+    rows, n = dist.shape
+    votes = torch.zeros(rows, n_classes, dtype=torch.long, device=dist.device)
+    dsum = torch.zeros(rows, n_classes, dtype=dist.dtype, device=dist.device)
+    if k < n and method == "fast":
+        vals, idx = torch.topk(dist, k + 1, dim=1, largest=False, sorted=True)
+        tie = vals[:, k - 1] == vals[:, k]
+        lab = labels[idx[:, :k]]
+        votes.scatter_add_(1, lab, torch.ones_like(lab))
+        dsum.scatter_add_(1, lab, vals[:, :k])
+    else:
+        tie = torch.ones(rows, dtype=torch.bool, device=dist.device)  # dense, or k = n: the mask path
+    if tie.any():
+        rows_t = tie.nonzero().squeeze(1)
+        onehot = F.one_hot(labels, n_classes).to(dist.dtype)
+        sel = _select_exact(dist[rows_t], k).to(dist.dtype)
+        votes[rows_t] = (sel @ onehot).round().long()
+        dsum[rows_t] = (dist[rows_t] * sel) @ onehot
+    return votes, dsum
+
+
 def knn_votes(
     emb: torch.Tensor,
     train_emb: torch.Tensor,
@@ -26,23 +66,26 @@ def knn_votes(
     n_spaces: int = 2,
     n_classes: int = 10,
     chunk: int = DEFAULT_CHUNK,
+    method: str = "fast",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vote counts (N, K) as int64 and summed neighbour distance per class (N, K)."""
+    """Vote counts (N, K) as int64 and summed neighbour distance per class (N, K). ``method``: "fast"
+    (``topk`` indices, the exact rule only for rows tied at the k-th distance) or "dense" (the exact rule on
+    every row); both give the same votes."""
+    if method not in ("fast", "dense"):
+        raise ValueError(f"method must be 'fast' or 'dense', not {method!r}")
     if not 1 <= k <= len(train_emb):
         raise ValueError(f"k={k} must be in [1, {len(train_emb)}] (the size of the training bank)")
-    onehot = F.one_hot(train_labels, n_classes).to(train_emb.dtype)
     votes, dsum = [], []
+    workspace: list[torch.Tensor] = []  # the chunks' N×M buffers, allocated once
     with torch.no_grad():
         for start in range(0, len(emb), chunk):
-            dist = pairwise_distance(emb[start:start + chunk], train_emb, n_spaces)
-            kth = torch.topk(dist, k, dim=1, largest=False, sorted=False).values.amax(1, keepdim=True)
-            below = dist < kth
-            at = dist == kth
-            need = k - below.sum(1, keepdim=True)
-            sel = below | (at & (at.cumsum(1) <= need))
-            self_f = sel.to(dist.dtype)
-            votes.append((self_f @ onehot).round().long())
-            dsum.append((dist * self_f) @ onehot)
+            dist = pairwise_distance(emb[start:start + chunk], train_emb, n_spaces, workspace=workspace)
+            v, d = _vote_chunk(dist, train_labels, k, n_classes, method)
+            votes.append(v)
+            dsum.append(d)
+    if not votes:
+        return (torch.zeros(0, n_classes, dtype=torch.long, device=emb.device),
+                torch.zeros(0, n_classes, dtype=train_emb.dtype, device=emb.device))
     return torch.cat(votes), torch.cat(dsum)
 
 

@@ -63,6 +63,18 @@ class IdResNet(nn.Module):
         self.cl = IdRes(width, cfg.out_dim, cfg.branch_depth, cfg.identity_init)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """§3.1's "normalize each image (to μ = 0, σ = 1) pixelwise", differentiable, so ε stays in pixel units.
+
+        "image": each image minus its own mean, divided by its own (population) std over its 3072 values. The
+        variance is floored at 1/3072 before the square root (TensorFlow's per_image_standardization rule), so
+        a constant image maps to 0 with finite gradients instead of dividing by zero (sqrt(0) has an infinite
+        derivative). "position": the training set's mean/std per pixel position and channel (buffers).
+        """
+        if self.cfg.normalization == "image":
+            flat = x.flatten(1)
+            mu = flat.mean(1, keepdim=True)
+            var = (flat - mu).pow(2).mean(1, keepdim=True)
+            return ((flat - mu) / var.clamp_min(1.0 / flat.shape[1]).sqrt()).view_as(x)
         return (x - self.mean) / self.std
 
     def forward(self, x: torch.Tensor, noise: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Running a table benchmarks each of its measured rows (``benchmark()`` trains what is missing, cached by config
 hash) and stores one JSON per row in ``<out>/results/<table>-<row>.json`` together with the settings that
 produced it, so an interrupted run resumes with the next unfinished row. Rendering reads only those JSONs and
-the paper's published numbers (``baselines/paper.json``): every measured cell stands beside the paper's value
+the paper's published numbers (``baselines/paper.json``, shipped in the package as
+``robustbench_knn/baselines/paper.json``): every measured cell stands beside the paper's value
 and the difference, and the literature rows of Table 1 are labelled as reported in the paper, never measured.
 """
 
@@ -14,8 +15,9 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -25,7 +27,22 @@ from .benchmark import _eps_label, benchmark
 from .config import ExperimentConfig, UsageError, apply_overrides, get_model_config
 from .store import read_json, write_json, write_text
 
-BASELINES_PATH = Path(__file__).resolve().parents[1] / "baselines" / "paper.json"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+# Package data (setuptools package-data), so a wheel install renders tables too; the repo's baselines/paper.json is
+# the human-readable copy (tests/test_packaging.py checks that the two are equal).
+BASELINES_RESOURCE = ("baselines", "paper.json")
+
+
+def baselines_resource() -> Traversable:
+    """The packaged copy of the paper's numbers (``robustbench_knn/baselines/paper.json``)."""
+    res = resources.files(__package__)
+    for part in BASELINES_RESOURCE:
+        res = res / part
+    return res
+
+
 EPS = (8 / 255, 16 / 255)
 PAPER_ATTACK = "kfgsm"  # the paper's Algorithm 2 ("30-round PGD", step ε/10): native defaults
 SURROGATE = "potential"
@@ -86,10 +103,16 @@ def get_table(name: str) -> TableSpec:
 
 def load_baselines(path: str | os.PathLike | None = None) -> dict[str, Any]:
     """The paper's published numbers; the only source of the 'paper' columns and of the literature rows."""
-    p = Path(path or BASELINES_PATH)
-    if not p.is_file():
-        raise UsageError(f"paper baselines not found at {p} (the table command needs the source checkout)")
-    return read_json(p)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UsageError(f"paper baselines not found at {p}")
+        return read_json(p)
+    res = baselines_resource()
+    if not res.is_file():
+        raise UsageError(f"paper baselines missing from the installed package ({'/'.join(BASELINES_RESOURCE)} in "
+                         f"{__package__}); reinstall robustbench-knn")
+    return json.loads(res.read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------- running

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,22 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
         raise UsageError("--device cuda requested but CUDA is not available")
     return dev
+
+
+def machine_name(device: torch.device | str) -> str:
+    """What trained it: the GPU's name, or the CPU model and core count."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def fit_split(data: CIFAR10, cfg: ExperimentConfig) -> tuple[Split, Split | None]:
@@ -96,6 +113,8 @@ class TrainedModel:
 
 def _init_net(cfg: ExperimentConfig, fit: Split, device: torch.device) -> IdResNet:
     torch.manual_seed(cfg.train.seed)
+    if cfg.model.normalization == "image":  # per-image standardisation needs no data statistics
+        return IdResNet(cfg.model).to(device)
     mean, std = pixel_stats(fit.x)
     return IdResNet(cfg.model, mean, std).to(device)
 
@@ -121,7 +140,8 @@ def train_model(
 
     t = cfg.train
     log: dict[str, Any] = {"config": cfg.to_dict(), "config_hash": cfg.config_hash(), "dataset_sha256": data.sha256,
-                           "n_fit": len(fit), "epochs": [], "device": str(dev), "train_seconds": 0.0}
+                           "n_fit": len(fit), "epochs": [], "device": str(dev), "machine": machine_name(dev),
+                           "train_seconds": 0.0}
     opt = _optimizer(net, cfg)
     gen = torch.Generator(device=dev).manual_seed(t.seed + 1)
     partial = path / "partial.safetensors"

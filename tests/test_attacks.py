@@ -143,3 +143,28 @@ class _Noop(Attack):
 
     def perturb(self, x, y):
         return x.clone()
+
+
+@pytest.fixture(scope="module")
+def image_norm_clf(tiny_data, cache_dir):
+    """The tiny model under FULL's default recipe (per-image standardisation, regulariser ÷B²)."""
+    from robustbench_knn.classifier import build_classifier
+    from robustbench_knn.train import train_model
+
+    from .conftest import TINY_CFG
+
+    cfg = TINY_CFG.replace(name="tiny-image", model={"normalization": "image"}, loss={"reg_reduction": "mean2"})
+    return build_classifier(train_model(cfg, tiny_data, device="cpu", cache_dir=cache_dir, progress=False))
+
+
+@pytest.mark.parametrize("key", ["kfgsm", "ta:pgd", "aa:apgd"])
+def test_attacks_on_per_image_normalised_model_stay_in_the_pixel_ball(key, image_norm_clf, tiny_data):
+    x, y = _test_batch(tiny_data)
+    assert (image_norm_clf.predict(x) == y).float().mean() > 0.8  # it learned the tiny task
+    eps = 8 / 255
+    spec = get_attack(key)
+    x_adv = spec.build(image_norm_clf, eps, **{k: 5 for k in ("steps",) if k in spec.defaults})(x, y)
+    rep = check_adversarial(x, x_adv, eps)  # ε in pixel units: the normalisation is inside the model
+    assert rep.ok and rep.max_linf <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    res = run_attacks(image_norm_clf, x, y, [get_attack("kfgsm")], [64 / 255], progress=False)
+    assert res["per_eps"][0]["attacks"]["native:kfgsm"]["robust_acc"] < 50  # and it is still attackable

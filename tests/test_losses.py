@@ -29,7 +29,8 @@ def slow_exp_contrastive(emb, labels, n_spaces, lam, l0, k_mu, n_classes, reduct
     first /= b
     d = len(e[0]) // n_spaces
     reg = k_mu * sum(sum(math.sqrt(sum(p[j * d + i] ** 2 for i in range(d))) for j in range(n_spaces)) ** 2 for p in e)
-    return first + (reg / b if reduction == "mean" else reg)
+    divisor = {"sum": 1, "mean": b, "mean2": b * b}[reduction]  # as printed, ÷B, ÷B²
+    return first + reg / divisor
 
 
 def slow_attack_loss(emb, labels, train_emb, train_labels, n_spaces, lam, l0, n_classes):
@@ -44,7 +45,7 @@ def slow_attack_loss(emb, labels, train_emb, train_labels, n_spaces, lam, l0, n_
     return torch.tensor(out, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "mean2"])
 @pytest.mark.parametrize("scale", [0.5, 3.0])  # small: mostly below l0; large: many same-class pairs beyond l0
 def test_exp_contrastive_matches_double_loop(reduction, scale):
     g = torch.Generator().manual_seed(1)
@@ -62,7 +63,14 @@ def test_sum_regulariser_is_batch_times_mean():
     first = exp_contrastive_loss(emb, labels, k_mu=0.0)
     reg_mean = exp_contrastive_loss(emb, labels) - first
     reg_sum = exp_contrastive_loss(emb, labels, reg_reduction="sum") - first
+    reg_mean2 = exp_contrastive_loss(emb, labels, reg_reduction="mean2") - first
     assert reg_sum.item() == pytest.approx(16 * reg_mean.item(), rel=1e-9)
+    assert reg_mean.item() == pytest.approx(16 * reg_mean2.item(), rel=1e-9)
+
+
+def test_unknown_reduction_is_rejected():
+    with pytest.raises(ValueError, match="reg_reduction"):
+        exp_contrastive_loss(torch.randn(4, 6), torch.zeros(4, dtype=torch.long), reg_reduction="median")
 
 
 def test_attack_loss_matches_loop_and_class_potentials():

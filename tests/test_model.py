@@ -21,7 +21,7 @@ def test_fresh_idres_layer_still_trains():
 
 
 def test_fresh_idresnet_is_last_wp_features_of_ots():
-    cfg = ModelConfig(w_r=16, d=4)
+    cfg = ModelConfig(w_r=16, d=4, normalization="position")
     net = IdResNet(cfg, mean=torch.full((3, 32, 32), 0.5), std=torch.full((3, 32, 32), 0.25))
     x = torch.rand(5, 3, 32, 32)
     want = net.ots(((x - 0.5) / 0.25).flatten(1))[:, -cfg.w_p:]
@@ -73,3 +73,45 @@ def test_bad_config_rejected():
 
     with pytest.raises(UsageError):
         IdResNet(ModelConfig(head="softmax"))
+
+
+def _image_net() -> IdResNet:
+    return IdResNet(ModelConfig(w_r=16, d=4, normalization="image"))
+
+
+def test_per_image_normalisation_has_mean_0_std_1_per_image():
+    x = torch.rand(6, 3, 32, 32) * 0.5 + torch.rand(6, 1, 1, 1) * 0.5  # images of different brightness
+    z = _image_net().normalise(x).flatten(1)
+    torch.testing.assert_close(z.mean(1), torch.zeros(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(1, unbiased=False), torch.ones(6), atol=1e-5, rtol=0)
+
+
+def test_per_image_normalisation_ignores_brightness_and_contrast():
+    x = torch.rand(3, 3, 32, 32) * 0.5
+    net = _image_net()
+    torch.testing.assert_close(net.normalise(x), net.normalise(0.2 + 1.5 * x), atol=1e-5, rtol=0)
+
+
+def test_constant_image_gives_finite_outputs_and_gradients():
+    net = _image_net()
+    x = torch.full((2, 3, 32, 32), 0.5, requires_grad=True)
+    z = net.normalise(x)
+    assert torch.equal(z, torch.zeros_like(z))
+    out = net(x)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+
+
+def test_per_image_normalisation_is_differentiable_in_pixel_units():
+    # the gradient w.r.t. the [0, 1] image matches finite differences: attacks and eps stay in pixel units
+    net = _image_net().double()
+    x = torch.rand(1, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: net.normalise(t)[0, :, :2, :2].sum() + net.normalise(t).pow(3).sum(),
+                                    (x,), eps=1e-6, atol=1e-5)
+
+
+def test_unknown_normalisation_is_rejected():
+    from robustbench_knn.config import UsageError
+
+    with pytest.raises(UsageError, match="normalization"):
+        IdResNet(ModelConfig(w_r=16, d=4, normalization="batch"))

@@ -1,0 +1,85 @@
+"""Speed of this checkout's k-NN vote and §2.5 attack loss against an earlier commit's, in one run on the same
+inputs, with the outputs checked equal. Needs a git checkout (the earlier package is read with `git show`).
+
+    python benchmarks/compare_commit.py d13cbf1 [--n-test 10000 --n-bank 50000 --k 800]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_package_at(rev: str, dest: Path, name: str = "rbk_ref"):
+    """The package as it was at ``rev``, importable as ``name`` (its imports are relative)."""
+    files = subprocess.run(["git", "-C", str(REPO), "ls-tree", "-r", "--name-only", rev, "robustbench_knn"],
+                           check=True, capture_output=True, text=True).stdout.split()
+    for f in files:
+        target = dest / name / Path(f).relative_to("robustbench_knn")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{f}"], check=True,
+                                          capture_output=True).stdout)
+    sys.path.insert(0, str(dest))
+    return importlib.import_module(name)
+
+
+def timed(fn, repeats: int = 1) -> tuple[float, object]:
+    out = fn()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        out = fn()
+    return (time.perf_counter() - t0) / repeats, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("rev")
+    ap.add_argument("--n-test", type=int, default=10000)
+    ap.add_argument("--n-bank", type=int, default=50000)
+    ap.add_argument("--k", type=int, default=800)
+    ap.add_argument("--attack-batch", type=int, default=250)
+    args = ap.parse_args()
+
+    import robustbench_knn.knn as new_knn
+    import robustbench_knn.losses as new_losses
+
+    with tempfile.TemporaryDirectory() as tmp:
+        load_package_at(args.rev, Path(tmp))
+        old_knn = importlib.import_module("rbk_ref.knn")
+        old_losses = importlib.import_module("rbk_ref.losses")
+        g = torch.Generator().manual_seed(0)
+        emb = torch.randn(args.n_test, 30, generator=g) * 3
+        bank = torch.randn(args.n_bank, 30, generator=g) * 3
+        labels = torch.randint(0, 10, (args.n_bank,), generator=g)
+        kw = dict(k=args.k, n_spaces=2, n_classes=10)
+        t_old, p_old = timed(lambda: old_knn.knn_predict(emb, bank, labels, **kw))
+        t_new, p_new = timed(lambda: new_knn.knn_predict(emb, bank, labels, **kw))
+        print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}")
+        print(f"k-NN {args.n_test} x {args.n_bank}, k={args.k}: {args.rev} {t_old:.2f} s, this checkout "
+              f"{t_new:.2f} s, speed-up {t_old / t_new:.2f}x, same predictions: {torch.equal(p_old, p_new)}")
+
+        e = emb[:args.attack_batch].clone().requires_grad_(True)
+        y = torch.randint(0, 10, (len(e),), generator=g)
+        lk = dict(n_spaces=2, lam=0.5, l0=7.0)
+
+        def loss_grad(mod):
+            return lambda: torch.autograd.grad(mod.attack_loss(e, y, bank, labels, **lk).sum(), e)[0]
+
+        t_old, g_old = timed(loss_grad(old_losses), 2)
+        t_new, g_new = timed(loss_grad(new_losses), 2)
+        err = (g_old - g_new).abs().max().item()
+        print(f"attack loss + input gradient, {len(e)} x {args.n_bank}: {args.rev} {t_old:.3f} s, this checkout "
+              f"{t_new:.3f} s, speed-up {t_old / t_new:.2f}x, max gradient difference {err:.2e}")
+
+
+if __name__ == "__main__":
+    main()
