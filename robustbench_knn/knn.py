@@ -76,7 +76,7 @@ def knn_votes(
     if not 1 <= k <= len(train_emb):
         raise ValueError(f"k={k} must be in [1, {len(train_emb)}] (the size of the training bank)")
     votes, dsum = [], []
-    workspace: list[torch.Tensor] = []  # the chunks' N×M buffers, allocated once
+    workspace: list = []  # the chunks' N×M buffers, allocated once
     with torch.no_grad():
         for start in range(0, len(emb), chunk):
             dist = pairwise_distance(emb[start:start + chunk], train_emb, n_spaces, workspace=workspace)

@@ -7,6 +7,7 @@ the gradient at zero distance (u = v, duplicate points) is 0 instead of NaN.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +78,7 @@ class _DistanceToFixedBank(torch.autograd.Function):
 
 
 def pairwise_distance(a: torch.Tensor, b: torch.Tensor, n_spaces: int, *,
-                      workspace: list[torch.Tensor] | None = None) -> torch.Tensor:
+                      workspace: list[Any] | None = None) -> torch.Tensor:
     """d(a_u, b_v) = Σ_j ‖a_u^j − b_v^j‖ for all pairs, shape (len(a), len(b)).
 
     Uses ‖a‖² + ‖b‖² − 2a·b (matmul speed); clamped at 0 against rounding. Three paths with the same values:
