@@ -50,10 +50,11 @@ def _vote_chunk(dist: torch.Tensor, labels: torch.Tensor, k: int, n_classes: int
         tie = torch.ones(rows, dtype=torch.bool, device=dist.device)  # dense, or k = n: the mask path
     if tie.any():
         rows_t = tie.nonzero().squeeze(1)
+        dist_t = dist[rows_t]
         onehot = F.one_hot(labels, n_classes).to(dist.dtype)
-        sel = _select_exact(dist[rows_t], k).to(dist.dtype)
+        sel = _select_exact(dist_t, k).to(dist.dtype)
         votes[rows_t] = (sel @ onehot).round().long()
-        dsum[rows_t] = (dist[rows_t] * sel) @ onehot
+        dsum[rows_t] = (dist_t * sel) @ onehot
     return votes, dsum
 
 
