@@ -69,6 +69,9 @@ class TableSpec:
     columns: tuple[Column, ...]
     flags: tuple[tuple[str, str], ...] = ()  # (baseline key, column label)
     command: str = "robustbench-knn table"
+    # (variant row, paper row's model): a measured model that relaxes a stated setting, shown under the paper's
+    # row it varies and compared with that row's published figures; its label names what differs.
+    variants: tuple[tuple[str, str], ...] = ()
 
 
 def _robust(eps: float, paper_key: str | None) -> Column:
@@ -77,9 +80,10 @@ def _robust(eps: float, paper_key: str | None) -> Column:
 
 TABLES: dict[str, TableSpec] = {
     "table1": TableSpec(
-        "table1", "Table 1 (§3.2): experimental results and comparison with existing methods", ("full",),
+        "table1", "Table 1 (§3.2): experimental results and comparison with existing methods", ("full", "full-100ep"),
         (Column("ε=8/255 clean", "clean", None, "clean_8"), _robust(EPS[0], "pgd_8"),
-         Column("ε=16/255 clean", "clean", None, "clean_16"), _robust(EPS[1], "pgd_16"))),
+         Column("ε=16/255 clean", "clean", None, "clean_16"), _robust(EPS[1], "pgd_16")),
+        variants=(("full-100ep", "full"),)),
     "table2": TableSpec(
         "table2", "Table 2 (§3.4): ablation studies on CIFAR-10", ("a", "b", "c", "d", "e", "full"),
         (Column("clean", "clean", None, "clean"), _robust(EPS[0], "pgd_8"), _robust(EPS[1], "pgd_16")),
@@ -283,17 +287,21 @@ def table_frame(name: str, out_dir: str | os.PathLike, baselines: dict[str, Any]
     records = []
     for base in baselines[name]["rows"]:
         model = base.get("model")
-        if model is not None and model not in rows:
-            continue  # not computed yet: absent, and named in the header
-        result = rows[model]["result"] if model is not None else None
-        rec: dict[str, Any] = {"row": _row_label(name, base), "model": model or "",
-                               "source": MEASURED if result is not None else REPORTED}
-        rec.update({label: base[key] for key, label in spec.flags})
-        for col in cols:
-            m = measured_value(result, col) if result is not None else None
-            p = base.get(col.paper_key) if col.paper_key else None
-            rec.update({col.label: m, f"{col.label} paper": p, f"{col.label} Δ": _diff(m, p)})
-        records.append(rec)
+        shown = [(model, _row_label(name, base))] + [
+            (variant, f"{_row_label(name, base)}, variant: {rows[variant]['settings']['epochs']} epochs")
+            for variant, of in spec.variants if of == model and variant in rows]
+        for row_model, row_label in shown:
+            if row_model is not None and row_model not in rows:
+                continue  # not computed yet: absent, and named in the header
+            result = rows[row_model]["result"] if row_model is not None else None
+            rec: dict[str, Any] = {"row": row_label, "model": row_model or "",
+                                   "source": MEASURED if result is not None else REPORTED}
+            rec.update({label: base[key] for key, label in spec.flags})
+            for col in cols:
+                m = measured_value(result, col) if result is not None else None
+                p = base.get(col.paper_key) if col.paper_key else None
+                rec.update({col.label: m, f"{col.label} paper": p, f"{col.label} Δ": _diff(m, p)})
+            records.append(rec)
     return pd.DataFrame(records, columns=["row", "model", *(label for _, label in spec.flags), "source",
                                           *(name for c in cols for name in _column_names(c))])
 

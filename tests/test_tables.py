@@ -97,6 +97,17 @@ def test_table1_literature_rows_are_reported_never_measured(tmp_path):
     assert ours["row"] == "K-NN with Identity Initialized ResNet (ours)"
     assert (ours["ε=16/255 clean"], ours["ε=16/255 clean paper"], ours["ε=16/255 clean Δ"]) == (37.0, 53.38, -16.38)
     assert pd.isna(df.loc[2, "ε=16/255 PGD paper"])  # CROWN-LBP's "-" cell
+    assert "missing rows" in (tmp_path / "table1.md").read_text() and ": full-100ep" in (tmp_path / "table1.md").read_text()
+
+    # the labelled 100-epoch variant: under FULL, compared with the paper's FULL figures, its epochs in the label
+    _store(tmp_path, "table1", "full-100ep", _result("full-100ep", 53.5, (9.0, 4.0)))
+    tables.render_table("table1", tmp_path)
+    df = pd.read_csv(tmp_path / "table1.csv")
+    assert list(df["model"].fillna("")) == [""] * 5 + ["full", "full-100ep"]
+    var = df.iloc[6]
+    assert var["row"] == "K-NN with Identity Initialized ResNet (ours), variant: 100 epochs"
+    assert (var["ε=8/255 clean"], var["ε=8/255 clean paper"], var["ε=8/255 clean Δ"]) == (53.5, 53.38, 0.12)
+    assert (var["ε=16/255 PGD"], var["ε=16/255 PGD Δ"]) == (4.0, -31.69)
     assert "all measured rows computed" in (tmp_path / "table1.md").read_text()
 
 
@@ -140,11 +151,11 @@ def test_resume_skips_finished_rows(tmp_path, tiny_data_dir, monkeypatch):
     assert calls == ["b", "c", "d", "e", "full"]
 
     tables.run_table("table1", **kw)  # FULL under the same settings: reused, not recomputed
-    assert calls == ["b", "c", "d", "e", "full"]
+    assert calls == ["b", "c", "d", "e", "full", "full-100ep"]
     assert json.loads(tables.result_path(tmp_path, "table1", "full").read_text())["reused_from"] == "table2-full.json"
 
     tables.run_table("table2", **{**kw, "n_test": 11})  # other settings: every row again
-    assert calls[5:] == ["a", "b", "c", "d", "e", "full"]
+    assert calls[6:] == ["a", "b", "c", "d", "e", "full"]
     stored = json.loads(tables.result_path(tmp_path, "table2", "a").read_text())
     assert stored["settings"]["n_test"] == 11 and stored["settings"]["attacks"] == [KFGSM]
 

@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""One lent GPU, one command: issue 11's regeneration in priority order, under a wall-clock deadline.
+
+A lease is short (15 minutes of device time, start and transfers included), so everything is one command: lists
+of ``robustbench-knn`` commands, run in-process (one import and one CUDA context per list), most important first:
+
+1. the recipe search at the paper's 20 epochs (all planned variants), which chooses FULL's recipe;
+2. then two lanes side by side, both on the chosen recipe (``--set``; a no-op when the choice is the config's
+   default): (A) Table 1 (FULL and the labelled 100-epoch variant), the audits of FULL at 8/255 and 16/255 on 1000
+   images, the standard + adaptive evaluation of FULL, Figure 3, the 100-epoch variant's audits;
+   (B) Table 2, §3.5 and the cross-toolkit table (it saves after every cell).
+
+A step that would outrun the deadline is interrupted like Ctrl-C (the commands keep what they finished and
+render partial tables honestly); a failing step is logged and the next one runs. Each step's rc and seconds go
+to ``tables/gpu-session/``; ``tables/`` is packed into ``OUT/results.tgz`` every minute and at the end, so a
+killed run still returns its finished steps.
+
+    python3 benchmarks/gpu_session.py --out "$OUT" --deadline 540             # on the GPU machine
+    python benchmarks/gpu_session.py --tiny --out /tmp/gpu-try --deadline 900  # CPU rehearsal, tiny settings
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TOOLKIT_ATTACKS = "kfgsm,pgd,apgd,apgd-t,autoattack,apgd-dlr,fab-t,square"  # the issue's must-haves first
+EVALUATE_ATTACKS = ("kfgsm,aa:apgd,aa:apgd-t,aa:apgd-dlr,aa:square,feature,softknn-apgd,softknn-apgd-dlr,"
+                    "vote-square,transfer")
+# Tiny settings for the CPU rehearsal: every step runs, nothing is worth reporting.
+TINY = ["--set", "model.w_r=64", "--set", "train.n_train=2000", "--set", "k=15"]
+
+
+class Deadline(KeyboardInterrupt):
+    """Raised by the alarm: the commands treat it as Ctrl-C (partial results saved)."""
+
+
+def _alarm(signum, frame):  # noqa: ANN001
+    raise Deadline()
+
+
+def recipe_sets(search_out: Path, epochs: int) -> list[str]:
+    """The best validation variant's settings as ``--set`` arguments (the search's choice, applied)."""
+    from robustbench_knn.search import best_variant
+
+    best = best_variant(search_out, epochs)
+    sets = []
+    for section, values in best["overrides"].items():
+        sets += [x for key, val in values.items() for x in ("--set", f"{section}.{key}={json.dumps(val)}")]
+    print(f"chosen recipe: {best['variant']} (val {best['val_acc']}%) -> {' '.join(sets)}", flush=True)
+    return sets
+
+
+def plan(tiny: bool) -> tuple[list[str], dict[str, list[tuple[str, list[str]]]]]:
+    """The search's argv, then two lanes of (step name, argv without the recipe's --set) run side by side:
+    one attack run keeps the GPU a fraction busy (batches of 250 through a small MLP), so two lanes finish
+    sooner. Lane A's Table 1 trains FULL first; lane B's Table 2 reaches FULL last and reuses its row."""
+    t = TINY if tiny else []
+    n = ["--n-test", "20"] if tiny else ["--n-test", "1000"]
+    ep = ["--epochs", "1"] if tiny else []
+    ep100 = ["--epochs", "2"] if tiny else []
+    search = ["search", "--report-test", "--out", "tables/recipe_search"]
+    if tiny:
+        search += ["--epochs", "1", "--n-train", "2000", "--set", "model.w_r=64",
+                   "--variants", "image_3e-4_mean2,position_3e-4_mean2"]
+    q = ["--quiet"]
+
+    def audit(model: str, eps: str, extra: list[str]) -> list[str]:
+        return ["audit", "--model", model, *q, *n, *extra, "--eps", eps, "--out", "tables/audit", *t]
+
+    lanes = {
+        "A": [
+            ("table1", ["table", *q, *n, *ep, "--out", "tables", *t]),
+            ("audit-full-8", audit("full", "8/255", ep)),
+            ("audit-full-16", audit("full", "16/255", ep)),
+            # after the audits: their cells (same attacks, same images) are reused
+            ("evaluate-full", ["evaluate", "--model", "full", *q, *n, *ep, "--eps", "8/255,16/255",
+                               "--attacks", EVALUATE_ATTACKS, "--out", "tables/evaluate", *t]),
+            ("figure3", ["audit", "--model", "full", "--figure3", *q, *ep, "--out", "tables/figures", *t]),
+            ("audit-100ep-8", audit("full-100ep", "8/255", ep100)),
+            ("audit-100ep-16", audit("full-100ep", "16/255", ep100)),
+        ],
+        "B": [
+            ("table2", ["table", "--ablation", *q, *n, *ep, "--out", "tables", *t]),
+            ("untrained", ["table", "--untrained", *q, *n, "--out", "tables", *t]),
+            ("toolkits", ["toolkits", "--model", "full", *q, *n, *ep, "--attacks", TOOLKIT_ATTACKS,
+                          "--out", "tables/toolkits", *t]),
+        ],
+    }
+    return search, lanes
+
+
+def machine() -> dict[str, str]:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "host": platform.node()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    with contextlib.suppress(Exception):
+        info["nvidia-smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                             "--format=csv,noheader"], capture_output=True, text=True,
+                                            timeout=20).stdout.strip()
+    return info
+
+
+def pack(out: Path, cache: Path) -> None:
+    """tables/ + the cache's small files (train logs, cells; no weights) → OUT/results.tgz."""
+    tmp = out / ".results.tgz.tmp"
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(ROOT / "tables", arcname="tables")
+        if cache.is_dir():
+            for f in sorted(cache.rglob("*")):
+                if f.is_file() and f.suffix != ".safetensors" and f.stat().st_size < 4_000_000:
+                    tar.add(f, arcname=f"cache/{f.relative_to(cache)}")
+    os.replace(tmp, out / "results.tgz")
+
+
+def run_steps(steps: list[tuple[str, list[str] | None]], sets: list[str], deadline: float, log_path: Path,
+              search_epochs: int = 20) -> list[str]:
+    """Run CLI steps in this process until the (epoch-seconds) deadline; log each to ``log_path``.
+    Returns the recipe's --set list when a step is the choice (argv None)."""
+    from robustbench_knn.cli import main as cli
+
+    signal.signal(signal.SIGALRM, _alarm)
+    log: list[dict] = []
+    for name, argv in steps:
+        left = deadline - time.time()
+        entry: dict = {"step": name}
+        if left < 5:
+            entry["skipped"] = "deadline"
+        else:
+            print(f"== {name} ({left:.0f} s left)", flush=True)
+            s0 = time.monotonic()
+            try:
+                if argv is None:
+                    sets = recipe_sets(ROOT / "tables" / "recipe_search", search_epochs)
+                    entry["sets"] = sets
+                else:
+                    entry["argv"] = [*argv, *sets]
+                    signal.alarm(max(1, int(left)))
+                    try:
+                        entry["rc"] = cli(entry["argv"])
+                    finally:
+                        signal.alarm(0)
+            except Deadline:
+                entry["rc"] = "deadline"
+            except BaseException as e:  # noqa: BLE001 - one failing step must not cost the others
+                entry["error"] = "".join(traceback.format_exception_only(type(e), e)).strip()
+                traceback.print_exc()
+            entry["seconds"] = round(time.monotonic() - s0, 1)
+        log.append(entry)
+        print(f"== {name}: {json.dumps({k: v for k, v in entry.items() if k != 'argv'})}", flush=True)
+        log_path.write_text(json.dumps(log, indent=2) + "\n")
+    return sets
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="folder for results.tgz")
+    ap.add_argument("--deadline", type=float, default=540, help="seconds from start until the last step is stopped")
+    ap.add_argument("--reserve", type=float, default=15, help="seconds kept for packing the results")
+    ap.add_argument("--tiny", action="store_true", help="CPU rehearsal with tiny settings")
+    ap.add_argument("--only", help="comma list of step names (default: all)")
+    ap.add_argument("--lane", help=argparse.SUPPRESS)  # internal: run one lane (with --sets, --deadline-at)
+    ap.add_argument("--sets", help=argparse.SUPPRESS)
+    ap.add_argument("--deadline-at", type=float, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.chdir(ROOT)
+    cache = Path(os.environ.setdefault("ROBUSTBENCH_KNN_CACHE", str(Path.home() / ".cache" / "robustbench-knn")))
+    logs = ROOT / "tables" / "gpu-session"
+    logs.mkdir(parents=True, exist_ok=True)
+    search, lanes = plan(args.tiny)
+    only = set(args.only.split(",")) if args.only else None
+
+    def keep(steps: list) -> list:
+        return [s for s in steps if only is None or s[0] in only or s[1] is None]
+
+    if args.lane:
+        run_steps(keep(lanes[args.lane]), json.loads(args.sets), args.deadline_at, logs / f"lane-{args.lane}.json")
+        return 0
+
+    t0 = time.time()
+    deadline = t0 + args.deadline - args.reserve
+    (logs / "machine.json").write_text(json.dumps(machine(), indent=2) + "\n")
+    sets = run_steps(keep([("search", search), ("choose", None)]), [], deadline, logs / "search.json",
+                     1 if args.tiny else 20)
+    procs = {lane: subprocess.Popen([sys.executable, __file__, "--out", str(out), "--lane", lane,
+                                     "--sets", json.dumps(sets), "--deadline-at", str(deadline)]
+                                    + (["--tiny"] if args.tiny else []))
+             for lane in lanes}
+    while any(p.poll() is None for p in procs.values()):
+        time.sleep(5)
+        if time.time() > deadline + 10:  # a lane stuck in C code past its alarm
+            for p in procs.values():
+                if p.poll() is None:
+                    p.kill()
+        elif int(time.time() - t0) % 60 < 5:
+            pack(out, cache)
+    (logs / "total.json").write_text(json.dumps({"seconds": round(time.time() - t0, 1),
+                                                 "lanes_rc": {k: p.returncode for k, p in procs.items()}}) + "\n")
+    pack(out, cache)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""benchmarks/gpu_session.py: a lease allows no second try, so its plan is checked here without running it."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from robustbench_knn.attacks import parse_attack_list
+from robustbench_knn.cli import build_parser
+from robustbench_knn.config import apply_overrides, get_model_config
+from robustbench_knn.search import parse_variant
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.py"
+
+
+@pytest.fixture(scope="module")
+def session():
+    spec = importlib.util.spec_from_file_location("gpu_session", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("tiny", [False, True])
+def test_every_planned_command_parses(session, tiny):
+    search, lanes = session.plan(tiny)
+    steps = [search] + [argv for lane in lanes.values() for _, argv in lane]
+    parser = build_parser()
+    for argv in steps:
+        args = parser.parse_args([*argv, "--set", "train.lr=0.001"])  # the recipe's --set is appended to each
+        if getattr(args, "attacks", None) and args.command in ("evaluate", "table"):
+            parse_attack_list(args.attacks)
+    names = [name for lane in lanes.values() for name, _ in lane]
+    assert len(names) == len(set(names)) and {"table1", "table2", "untrained", "toolkits"} <= set(names)
+    # FULL is trained by lane A's first step; lane B reaches FULL only at Table 2's last row
+    assert lanes["A"][0][0] == "table1" and lanes["B"][0][0] == "table2"
+
+
+def test_toolkit_attack_list_is_valid(session):
+    from robustbench_knn.toolkit_compare import suite_specs
+
+    assert [s.name for s in suite_specs(session.TOOLKIT_ATTACKS.split(","))][:1] == ["kfgsm"]
+    assert len(parse_attack_list(session.EVALUATE_ATTACKS)) == len(session.EVALUATE_ATTACKS.split(","))
+
+
+def test_recipe_sets_apply_the_best_variant(session, tmp_path):
+    rows = [{"variant": v, "epochs": 20, "val_acc": acc, "overrides": parse_variant(v)}
+            for v, acc in (("image_3e-4_mean2", 48.9), ("position_1e-3_mean_cos", 49.3))]
+    (tmp_path / "s.json").write_text(json.dumps({"rows": rows}))
+    sets = session.recipe_sets(tmp_path / "s", 20)
+    cfg = apply_overrides(get_model_config("full"), [s for s in sets if s != "--set"])
+    assert (cfg.model.normalization, cfg.train.lr, cfg.loss.reg_reduction) == ("position", 1e-3, "mean")
+    assert (cfg.train.schedule, cfg.train.warmup_frac) == ("cosine", 0.05)
