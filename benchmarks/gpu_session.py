@@ -103,6 +103,41 @@ def plan(tiny: bool) -> tuple[list[str], dict[str, list[tuple[str, list[str]]]]]
     return search, lanes
 
 
+def followup_plan(tiny: bool) -> tuple[list[str], dict[str, list[tuple[str, list[str]]]]]:
+    """The next lease's work (issues 11 and 12), on the committed default recipe (the search is only resumed:
+    its table is committed, so it trains nothing): (A) FULL's remaining toolkit rows — the table restarts on the
+    lease's own FULL, since a retrained model differs in its last bits; (B) aligned vs unaligned logits on FULL;
+    (C) the two new subjects, evaluated and audited."""
+    search, _ = plan(tiny)
+    t = TINY if tiny else []
+    n = ["--n-test", "20"] if tiny else ["--n-test", "1000"]
+    n500 = ["--n-test", "20"] if tiny else ["--n-test", "500"]
+    ep = ["--epochs", "1"] if tiny else []
+    q = ["--quiet"]
+    aligned_attacks = "aa:apgd,aa:apgd-t,aa:fab-t,aa:square,aa:autoattack"
+    subject_attacks = "standard,adaptive"
+    lanes: dict[str, list[tuple[str, list[str]]]] = {
+        "A": [("toolkits", ["toolkits", "--model", "full", *q, *n, *ep, "--attacks", TOOLKIT_ATTACKS,
+                            "--out", "tables/toolkits", *t])],
+        "B": [(f"evaluate-full{tag}", ["evaluate", "--model", "full", *q, *n, *ep, "--eps", "8/255,16/255",
+                                       "--attacks", aligned_attacks, "--out", "tables/aligned", *t, *flag])
+              for tag, flag in (("", []), ("-aligned", ["--aligned"]))],
+        "C": [],
+    }
+    for subject in ("raw_pixel_knn", "deep_knn_a"):
+        model = ["--model", f"robustbench_knn.subjects:{subject}"]
+        lanes["C"] += [
+            (f"evaluate-{subject}", ["evaluate", *model, *q, *n500, "--eps", "8/255,16/255", "--attacks",
+                                     subject_attacks, "--surrogate", "softknn", "--out", "tables/subjects"]),
+            *((f"audit-{subject}-{e}", ["audit", *model, *q, *n500, "--eps", f"{e}/255", "--surrogate", "softknn",
+                                        "--out", "tables/subjects"]) for e in (8, 16)),
+        ]
+    return search, lanes
+
+
+PLANS = {"regenerate": plan, "followup": followup_plan}
+
+
 def machine() -> dict[str, str]:
     import torch
 
@@ -174,6 +209,8 @@ def main() -> int:
     ap.add_argument("--reserve", type=float, default=15, help="seconds kept for packing the results")
     ap.add_argument("--tiny", action="store_true", help="CPU rehearsal with tiny settings")
     ap.add_argument("--only", help="comma list of step names (default: all)")
+    ap.add_argument("--plan", choices=tuple(PLANS), default="regenerate",
+                    help="regenerate: this issue-11 run (search, tables, audits); followup: the next lease's work")
     ap.add_argument("--lane", help=argparse.SUPPRESS)  # internal: run one lane (with --sets, --deadline-at)
     ap.add_argument("--sets", help=argparse.SUPPRESS)
     ap.add_argument("--deadline-at", type=float, help=argparse.SUPPRESS)
@@ -184,7 +221,7 @@ def main() -> int:
     cache = Path(os.environ.setdefault("ROBUSTBENCH_KNN_CACHE", str(Path.home() / ".cache" / "robustbench-knn")))
     logs = ROOT / "tables" / "gpu-session"
     logs.mkdir(parents=True, exist_ok=True)
-    search, lanes = plan(args.tiny)
+    search, lanes = PLANS[args.plan](args.tiny)
     only = set(args.only.split(",")) if args.only else None
 
     def keep(steps: list) -> list:
@@ -199,9 +236,9 @@ def main() -> int:
     (logs / "machine.json").write_text(json.dumps(machine(), indent=2) + "\n")
     sets = run_steps(keep([("search", search), ("choose", None)]), [], deadline, logs / "search.json",
                      1 if args.tiny else 20)
-    procs = {lane: subprocess.Popen([sys.executable, __file__, "--out", str(out), "--lane", lane,
+    procs = {lane: subprocess.Popen([sys.executable, __file__, "--out", str(out), "--lane", lane, "--plan", args.plan,
                                      "--sets", json.dumps(sets), "--deadline-at", str(deadline)]
-                                    + (["--tiny"] if args.tiny else []))
+                                    + (["--tiny"] if args.tiny else []) + (["--only", args.only] if args.only else []))
              for lane in lanes}
     while any(p.poll() is None for p in procs.values()):
         time.sleep(5)

@@ -19,13 +19,12 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .attacks import AttackSpec, get_attack, input_gradient, parse_attack_list
+from .attacks import STANDARD_SUITE, AttackSpec, get_attack, input_gradient, parse_attack_list
 from .attacks.adaptive import ADAPTIVE_SUITE
 from .attacks.transfer import transfer_sources, trained_sources
 from .config import ExperimentConfig, UsageError
 from .evaluate import robust_mask, run_attacks, versions
 
-STANDARD_SUITE = ("kfgsm", "aa:apgd", "aa:apgd-t", "square")
 QUICK_STANDARD = ("kfgsm", "aa:apgd")
 SWEEP_EPS = tuple(e / 255 for e in (0, 4, 8, 16, 32, 64))
 QUICK_SWEEP_EPS = tuple(e / 255 for e in (0, 8, 32, 64))
@@ -365,6 +364,18 @@ def attacks_frame(result: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def audit_model_card(result: dict[str, Any]) -> dict[str, Any]:
+    """RobustBench's ``model_info`` fields from an audit: the best upper bound (per-sample worst case over every
+    run) as the robust accuracy, and ``unreliable`` from the verdict (true unless TRUSTED)."""
+    from .api import model_card
+
+    verdict = result["verdict"]
+    return model_card(result.get("model", "model"), result.get("dataset", ""), result["eps"], result["clean_acc"],
+                      result["upper_bound_acc"], result["robust_acc"], result["n"],
+                      unreliable=verdict["status"] != "TRUSTED",
+                      footnote=f"Audit verdict: {verdict['text']}")
+
+
 def save_audit(result: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     """``audit-<model>-<hash>-eps<N>.json`` + ``.csv`` (checks) + ``-attacks.csv`` + the two PNG plots."""
     from .plots import plot_eps_curves, plot_steps_curves
@@ -376,6 +387,7 @@ def save_audit(result: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     write_json(stem.with_suffix(".json"), result)
     write_text(stem.with_suffix(".csv"), checks_frame(result).to_csv(index=False))
     write_text(Path(f"{stem}-attacks.csv"), attacks_frame(result).to_csv(index=False))
+    write_json(Path(f"{stem}.model-card.json"), audit_model_card(result))
     plot_eps_curves(result["eps_curves"], Path(f"{stem}-eps.png"),
                     title=f"{result.get('model', '')}: robust accuracy vs ε")
     if result["steps_curves"]:
@@ -386,10 +398,10 @@ def save_audit(result: dict[str, Any], out_dir: str | os.PathLike) -> Path:
 def audit(cfg: ExperimentConfig, eps: float, *, n_test: int = 500, quick: bool = False, data_dir: str | None = None,
           cache_dir: str | None = None, device: str = "auto", seed: int = 0, surrogate: str = "potential",
           batch_size: int = 250, out_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train or load ``cfg`` (as ``benchmark`` does) and audit it on the first ``n_test`` test images."""
-    from .benchmark import DATASET_NAME, cell_dir
+    """Train or load ``cfg`` (as ``benchmark_config`` does) and audit it on the first ``n_test`` test images."""
     from .classifier import build_classifier
     from .data import load_cifar10
+    from .experiment import cell_dir
     from .train import resolve_device, train_model
 
     if n_test < 1:
@@ -397,18 +409,38 @@ def audit(cfg: ExperimentConfig, eps: float, *, n_test: int = 500, quick: bool =
     dev = resolve_device(device)
     data = load_cifar10(data_dir)
     clf = build_classifier(train_model(cfg, data, device=dev, cache_dir=cache_dir, progress=progress), surrogate)
+    return audit_classifier(clf, data, eps, name=cfg.name, config_hash=cfg.config_hash(), config=cfg.to_dict(),
+                            target_cfg=cfg, n_test=n_test, quick=quick, cache_dir=cache_dir, seed=seed,
+                            batch_size=batch_size, out_dir=out_dir, progress=progress,
+                            cells=cell_dir(cfg, surrogate, data.sha256, cache_dir))
+
+
+def audit_classifier(clf: torch.nn.Module, data: Any, eps: float, *, name: str, config_hash: str,
+                     config: dict[str, Any] | None = None, target_cfg: ExperimentConfig | None = None,
+                     n_test: int = 500, quick: bool = False, cache_dir: str | None = None, seed: int = 0,
+                     batch_size: int = 250, out_dir: str | os.PathLike | None = None, progress: bool = True,
+                     cells: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Audit any defense through its interface (adaptive k-NN attacks where it has a bank; ``transfer``
+    crafts on Table 2's row A at ``target_cfg``'s size, FULL's by default)."""
+    from .config import get_model_config
+    from .experiment import DATASET_NAME
+
+    if n_test < 1:
+        raise UsageError("--n-test must be >= 1")
     sub = data.test.head(min(n_test, len(data.test)))
     adaptive = ADAPTIVE_SUITE if hasattr(clf, "bank") else ("transfer",)
-    with transfer_sources(trained_sources(data, target_cfg=cfg, cache_dir=cache_dir, device=dev, progress=progress)):
+    sources = trained_sources(data, target_cfg=target_cfg or get_model_config("full"), cache_dir=cache_dir,
+                              device=clf.device, progress=progress)
+    with transfer_sources(sources):
         result = run_audit(clf, sub.floats(), sub.y, eps,
                            standard=QUICK_STANDARD if quick else STANDARD_SUITE, adaptive=adaptive,
                            sweep_eps=QUICK_SWEEP_EPS if quick else SWEEP_EPS,
                            overrides=QUICK_OVERRIDES if quick else None,
                            steps_factors=(2.0,) if quick else (0.25, 0.5, 2.0), batch_size=batch_size, seed=seed,
-                           cell_dir=cell_dir(cfg, surrogate, data.sha256, cache_dir), progress=progress)
-    result = {"model": cfg.name, "config": cfg.to_dict(), "config_hash": cfg.config_hash(), "dataset": DATASET_NAME,
-              "dataset_sha256": data.sha256, "surrogate": surrogate, "quick": quick, "seed": seed,
-              "device": str(dev), "versions": versions(), **result}
+                           cell_dir=cells, progress=progress)
+    result = {"model": name, "config": config, "config_hash": config_hash, "dataset": DATASET_NAME,
+              "dataset_sha256": data.sha256, "surrogate": getattr(clf, "surrogate_name", "logits"), "quick": quick,
+              "seed": seed, "device": str(clf.device), "versions": versions(), **result}
     if out_dir is not None:
         result["path"] = str(save_audit(result, out_dir))
     return result

@@ -12,6 +12,7 @@ from fractions import Fraction
 from typing import Any, Sequence
 
 from .config import STANDARD_SUITE, ExperimentConfig, UsageError, apply_overrides, get_model_config, parse_value
+from .loading import is_config_name
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,11 +64,16 @@ def _attack_overrides(items: Sequence[str], specs: list[Any]) -> dict[str, dict[
         if param not in spec.defaults:
             raise UsageError(f"attack {spec.key} has no parameter {param!r}; it takes {', '.join(spec.defaults)}")
         out.setdefault(spec.key, {})[param] = parse_value(val)
+    for key, params in out.items():
+        get_attack(key).check(params)  # values too (kfgsm.steps=-3), before any training
     return out
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="full", help="full, a, b, c, d, e, untrained, untrained-mlp")
+    p.add_argument("--model", default="full",
+                   help="a model of this project (full, full-100ep, a, b, c, d, e, untrained, untrained-mlp), "
+                        "PACKAGE.MODULE:FUNCTION returning a KNNDefense or nn.Module classifier, or an exported "
+                        "FILE.safetensors")
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-py (else $ROBUSTBENCH_KNN_DATA, else cache)")
     p.add_argument("--cache-dir", help="model cache (else $ROBUSTBENCH_KNN_CACHE, else the user cache dir)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
@@ -107,9 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-clean", type=int, help="first N test images for clean accuracy (default: all)")
     p.add_argument("--surrogate", default="potential", help="potential or softknn")
     p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--out", default="results", help="folder for the results JSON and CSV")
+    p.add_argument("--aligned", action="store_true",
+                   help="decision-aligned logits: their argmax is the hard vote, their gradient the surrogate's")
+    p.add_argument("--out", default="results", help="folder for the results JSON, CSV and model card")
 
     sub.add_parser("attacks", help="list attack names, toolkits and parameters")
+
+    p = sub.add_parser("export", help="write a model (weights, config, k-NN bank) to one .safetensors file")
+    _common(p)
+    p.add_argument("--out", required=True, help="FILE.safetensors")
 
     p = sub.add_parser("toolkits", help="every standard attack through every toolkit and surrogate, with the worst case")
     _common(p)
@@ -138,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("gate", help="CI gate: fail when robust accuracy regresses or the attacks get weaker")
+    p.add_argument("--model", default="full", help="the gated model: a model of this project (trained at the "
+                   "gate's size), PACKAGE.MODULE:FUNCTION or FILE.safetensors (as built)")
     p.add_argument("--baseline", default="tables/gate_baseline.json")
     p.add_argument("--update-baseline", action="store_true", help="rewrite the baseline (needs --message)")
     p.add_argument("--message", help="why the baseline is rewritten (stored in the file)")
@@ -199,10 +213,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from tabulate import tabulate
 
     from .attacks import parse_attack_list
-    from .benchmark import benchmark, save_results, summary_frame
+    from .experiment import benchmark_config, save_results, summary_frame
     from .surrogate import SURROGATES
 
-    cfg = _model_config(args)
     specs = parse_attack_list(args.attacks)
     eps = parse_eps(args.eps)
     overrides = _attack_overrides(args.attack_param, specs)
@@ -210,16 +223,65 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise UsageError(f"unknown surrogate {args.surrogate!r}; choose from {', '.join(SURROGATES)}")
     if args.n_test < 1 or (args.n_clean is not None and args.n_clean < 1) or args.batch_size < 1:
         raise UsageError("--n-test, --n-clean and --batch-size must be >= 1")
-    result = benchmark(cfg, specs, eps, n_test=args.n_test, n_clean=args.n_clean, data_dir=args.data_dir,
-                       cache_dir=args.cache_dir, device=args.device, seed=args.seed or 0, surrogate=args.surrogate,
-                       overrides=overrides, batch_size=args.batch_size, progress=not args.quiet)
+    if is_config_name(args.model):
+        cfg = _model_config(args)
+        result = benchmark_config(cfg, specs, eps, n_test=args.n_test, n_clean=args.n_clean, data_dir=args.data_dir,
+                                  cache_dir=args.cache_dir, device=args.device, seed=args.seed or 0,
+                                  surrogate=args.surrogate, overrides=overrides, batch_size=args.batch_size,
+                                  progress=not args.quiet, aligned=args.aligned)
+    else:
+        result = _evaluate_loaded(args, specs, eps, overrides)
     path = save_results(result, args.out)
-    print(f"{result['dataset']}, model {cfg.name}: clean k-NN accuracy {result['clean_acc_full']:.2f}% "
+    print(f"{result['dataset']}, model {result['model']}: clean accuracy {result['clean_acc_full']:.2f}% "
           f"on {result['n_clean']} test images; attacks on the first {result['n_test']}")
     print(tabulate(summary_frame(result), headers="keys", tablefmt="github", showindex=False))
     if result["rejected_attacks"]:
         print("REJECTED (returned examples outside the threat model): " + ", ".join(result["rejected_attacks"]))
     print(f"results: {path}")
+
+
+def _evaluate_loaded(args: argparse.Namespace, specs: list[Any], eps: list[float],
+                     overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``evaluate`` on a ``MODULE:FUNCTION`` or exported model: the same evaluator, known only by its interface."""
+    from .api import require_knn
+    from .attacks.transfer import trained_sources, transfer_sources
+    from .data import load_cifar10
+    from .experiment import defense_cells, evaluate_classifier
+    from .loading import resolve_model
+    from .train import resolve_device
+
+    for flag in ("epochs", "n_train", "set"):
+        if getattr(args, flag):
+            raise UsageError(f"--{flag.replace('_', '-')} configures a model of this project; --model "
+                             f"{args.model!r} is already built")
+    dev = resolve_device(args.device)
+    clf, cfg, name = resolve_model(args.model, surrogate=args.surrogate, aligned=args.aligned, device=dev)
+    require_knn(specs, clf)  # the adaptive k-NN attacks need a k-NN defense: refused before any work
+    data = load_cifar10(args.data_dir)
+    sources = trained_sources(data, target_cfg=cfg or get_model_config("full"), cache_dir=args.cache_dir,
+                              device=dev, progress=not args.quiet)
+    with transfer_sources(sources):
+        return evaluate_classifier(clf, data, specs, eps, name=name, n_test=args.n_test, n_clean=args.n_clean,
+                                   seed=args.seed or 0, overrides=overrides, batch_size=args.batch_size,
+                                   cell_dir=defense_cells(clf, data.sha256, args.cache_dir), progress=not args.quiet)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .classifier import build_classifier
+    from .data import load_cifar10
+    from .loading import export_model
+    from .train import train_model
+
+    if not is_config_name(args.model):
+        raise UsageError("export takes a model of this project (full, a, ...), not a module or a file")
+    if not args.out.endswith(".safetensors"):
+        raise UsageError(f"--out {args.out!r} must end in .safetensors")
+    cfg = _model_config(args)
+    trained = train_model(cfg, load_cifar10(args.data_dir), device=args.device, cache_dir=args.cache_dir,
+                          progress=not args.quiet)
+    path = export_model(build_classifier(trained), cfg, args.out)
+    print(f"exported {cfg.name} ({cfg.config_hash()}) to {path}: weights, config and k-NN bank in one file; "
+          f"use it with --model {path}")
 
 
 def cmd_toolkits(args: argparse.Namespace) -> None:
@@ -231,16 +293,39 @@ def cmd_toolkits(args: argparse.Namespace) -> None:
     if args.render_only:
         print(render_compare(rerender(args.out, names)))
         return
-    cfg = _model_config(args)
     surrogates = [s.strip() for s in args.surrogates.split(",") if s.strip()]
     bad = [s for s in surrogates if s not in SURROGATES]
     if bad or not surrogates:
         raise UsageError(f"unknown surrogate(s) {bad}; choose from {', '.join(SURROGATES)}")
     if args.n_test < 1 or args.batch_size < 1:
         raise UsageError("--n-test and --batch-size must be >= 1")
-    result = run_compare(cfg, parse_eps(args.eps), names=names, surrogates=surrogates, n_test=args.n_test,
-                         out_dir=args.out, data_dir=args.data_dir, cache_dir=args.cache_dir, device=args.device,
-                         seed=args.seed or 0, batch_size=args.batch_size, progress=not args.quiet)
+    if is_config_name(args.model):
+        result = run_compare(_model_config(args), parse_eps(args.eps), names=names, surrogates=surrogates,
+                             n_test=args.n_test, out_dir=args.out, data_dir=args.data_dir, cache_dir=args.cache_dir,
+                             device=args.device, seed=args.seed or 0, batch_size=args.batch_size,
+                             progress=not args.quiet)
+    else:
+        from .data import load_cifar10
+        from .defense import KNNDefense
+        from .experiment import weights_hash
+        from .loading import resolve_model
+        from .toolkit_compare import compare_classifiers
+        from .train import resolve_device
+
+        eps = parse_eps(args.eps)
+        clf, _, name = resolve_model(args.model, device=resolve_device(args.device))
+        if isinstance(clf, KNNDefense):  # the user's own surrogate where named, else the same defense re-fronted
+            # the potential needs the paper's loss constants, which a user's defense may not have
+            surrogates = [s for s in surrogates if s != "potential" or clf.lam is not None]
+            if not surrogates:
+                raise UsageError(f"--model {args.model!r} has no loss constants for the potential surrogate; "
+                                 f"use --surrogates softknn")
+            clfs = {s: clf if s == clf.surrogate_name else clf.with_surrogate(s) for s in surrogates}
+        else:
+            clfs = {"logits": clf}  # a plain classifier's own logits
+        result = compare_classifiers(clfs, load_cifar10(args.data_dir), eps, name=name, config_hash=weights_hash(clf),
+                                     names=names, n_test=args.n_test, out_dir=args.out, seed=args.seed or 0,
+                                     batch_size=args.batch_size, progress=not args.quiet)
     print(render_compare(result))
 
 
@@ -277,7 +362,17 @@ def cmd_gate(args: argparse.Namespace) -> int:
     from .gate import GateConfig, check_baseline, compare, planted, run_gate
     from .store import read_json, write_json
 
-    gcfg = GateConfig(seed=args.seed)
+    gcfg = GateConfig(seed=args.seed, model=args.model)
+    model = None
+    if not is_config_name(args.model):  # a ready defense in place of FULL's gate-sized training
+        from .loading import resolve_model
+        from .train import resolve_device
+
+        if args.plant == "one-epoch-model":
+            raise UsageError("--plant one-epoch-model retrains the model; --model here is already built")
+        model, _, _ = resolve_model(args.model, device=resolve_device(args.device))
+    else:
+        get_model_config(args.model)
     baseline_path = Path(args.baseline)
     if args.update_baseline and not args.message:
         raise UsageError("--update-baseline needs --message saying why the baseline changes")
@@ -292,7 +387,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
         baseline = read_json(baseline_path)
         check_baseline(baseline, gcfg)
     current = run_gate(gcfg, load_cifar10(args.data_dir), device=args.device, cache_dir=args.cache_dir,
-                       perturb_model=noise, progress=not args.quiet)
+                       perturb_model=noise, progress=not args.quiet, model=model)
     if args.out:
         write_json(args.out, current)
     if args.update_baseline:
@@ -346,11 +441,13 @@ def cmd_table(args: argparse.Namespace) -> None:
 def cmd_audit(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from .audit import attacks_frame, audit, checks_frame
+    from .audit import attacks_frame, audit, audit_classifier, checks_frame
     from .surrogate import SURROGATES
 
-    cfg = _model_config(args)
+    if args.figure3 and not is_config_name(args.model):
+        raise UsageError("--figure3 trains a model of this project (full, ...), not a module or a file")
     if args.figure3:
+        cfg = _model_config(args)
         from .data import load_cifar10
         from .plots import figure3
 
@@ -365,10 +462,23 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown surrogate {args.surrogate!r}; choose from {', '.join(SURROGATES)}")
     if args.n_test < 1 or args.batch_size < 1:
         raise UsageError("--n-test and --batch-size must be >= 1")
-    res = audit(cfg, eps[0], n_test=args.n_test, quick=args.quick, data_dir=args.data_dir, cache_dir=args.cache_dir,
-                device=args.device, seed=args.seed or 0, surrogate=args.surrogate, batch_size=args.batch_size,
-                out_dir=args.out, progress=not args.quiet)
-    print(f"{res['dataset']}, model {cfg.name}, ε = {args.eps}, {res['n']} test images: clean {res['clean_acc']:.1f}%")
+    if is_config_name(args.model):
+        res = audit(_model_config(args), eps[0], n_test=args.n_test, quick=args.quick, data_dir=args.data_dir,
+                    cache_dir=args.cache_dir, device=args.device, seed=args.seed or 0, surrogate=args.surrogate,
+                    batch_size=args.batch_size, out_dir=args.out, progress=not args.quiet)
+    else:
+        from .data import load_cifar10
+        from .experiment import weights_hash
+        from .loading import resolve_model
+        from .train import resolve_device
+
+        clf, cfg, name = resolve_model(args.model, surrogate=args.surrogate, device=resolve_device(args.device))
+        res = audit_classifier(clf, load_cifar10(args.data_dir), eps[0], name=name, config_hash=weights_hash(clf),
+                               config=cfg.to_dict() if cfg else None, target_cfg=cfg, n_test=args.n_test,
+                               quick=args.quick, cache_dir=args.cache_dir, seed=args.seed or 0,
+                               batch_size=args.batch_size, out_dir=args.out, progress=not args.quiet)
+    print(f"{res['dataset']}, model {res['model']}, ε = {args.eps}, {res['n']} test images: "
+          f"clean {res['clean_acc']:.1f}%")
     print(tabulate(attacks_frame(res), headers="keys", tablefmt="github", showindex=False))
     print(tabulate(res["attribution"], headers="keys", tablefmt="github"))
     print(tabulate(checks_frame(res), headers="keys", tablefmt="github", showindex=False))
@@ -387,7 +497,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "attacks": cmd_attacks, "toolkits": cmd_toolkits,
-            "search": cmd_search,
+            "search": cmd_search, "export": cmd_export,
             "bench": cmd_bench, "table": cmd_table, "gate": cmd_gate, "audit": cmd_audit}
 
 

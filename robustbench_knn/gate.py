@@ -22,7 +22,7 @@ from .classifier import build_classifier
 from .config import ExperimentConfig, UsageError, get_model_config
 from .data import CIFAR10
 from .evaluate import run_attacks, versions
-from .train import train_model
+from .train import resolve_device, train_model
 
 
 @dataclass(frozen=True)
@@ -52,23 +52,27 @@ class GateConfig:
 
 
 def run_gate(gcfg: GateConfig, data: CIFAR10, *, device: str = "auto", cache_dir: str | None = None,
-             perturb_model: float = 0.0, progress: bool = False) -> dict[str, Any]:
+             perturb_model: float = 0.0, progress: bool = False, model: torch.nn.Module | None = None
+             ) -> dict[str, Any]:
     """Train (cached) and evaluate the model and the reference. ``perturb_model`` adds Gaussian noise of that
-    relative size to the model's weights (used to plant a model regression)."""
+    relative size to the model's weights (used to plant a model regression). ``model``: a ready defense (a
+    user's ``MODULE:FUNCTION`` or an exported file) evaluated in place of ``gcfg.model``'s training."""
     t0 = time.perf_counter()
     specs = [get_attack(a) for a in gcfg.attacks]
     overrides = {get_attack(k).key: v for k, v in gcfg.attack_overrides.items()}
     sub = data.test.head(gcfg.n_test)
     out: dict[str, Any] = {"settings": _settings(gcfg), "versions": versions()}
     for which in ("model", "reference"):
-        trained = train_model(gcfg.experiment(which), data, device=device, cache_dir=cache_dir, progress=progress)
-        if which == "model" and perturb_model:
-            gen = torch.Generator().manual_seed(1234)
-            with torch.no_grad():
-                for p in trained.net.parameters():
-                    noise = torch.randn(p.shape, generator=gen).to(p.device)
-                    p.add_(noise * perturb_model * (p.std() if p.numel() > 1 else p.abs()))
-        clf = build_classifier(trained, cache_bank=not (which == "model" and perturb_model))
+        if which == "model" and model is not None:
+            clf = model.to(resolve_device(device))
+            if perturb_model:
+                _perturb(clf.net, perturb_model)
+        else:
+            trained = train_model(gcfg.experiment(which), data, device=device, cache_dir=cache_dir,
+                                  progress=progress)
+            if which == "model" and perturb_model:
+                _perturb(trained.net, perturb_model)
+            clf = build_classifier(trained, cache_bank=not (which == "model" and perturb_model))
         res = run_attacks(clf, sub.floats(), sub.y, specs, [gcfg.eps], overrides=overrides, progress=progress,
                           seed=gcfg.seed)
         r = res["per_eps"][0]
@@ -82,6 +86,15 @@ def run_gate(gcfg: GateConfig, data: CIFAR10, *, device: str = "auto", cache_dir
         }
     out["wall_seconds"] = round(time.perf_counter() - t0, 1)
     return out
+
+
+def _perturb(net: torch.nn.Module, relative: float) -> None:
+    """Gaussian noise of ``relative`` × each tensor's std on the weights (a planted model regression)."""
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for p in net.parameters():
+            noise = torch.randn(p.shape, generator=gen).to(p.device)
+            p.add_(noise * relative * (p.std() if p.numel() > 1 else p.abs()))
 
 
 # Planted regressions (`robustbench-knn gate --plant NAME`): a self-test showing the gate can fail.
@@ -158,5 +171,8 @@ def compare(baseline: dict[str, Any], current: dict[str, Any], tol_acc: float, t
 
 
 def check_baseline(baseline: dict[str, Any], gcfg: GateConfig) -> None:
+    if baseline.get("settings", {}).get("model", "full") != gcfg.model:
+        raise UsageError(f"the gate baseline is for model {baseline['settings'].get('model')!r}, not {gcfg.model!r}; "
+                         f"give --baseline FILE made for it (--update-baseline --message ...)")
     if baseline.get("settings", {}).get("attacks") != list(gcfg.attacks):
         raise UsageError("the gate baseline was made with other settings; rerun with --update-baseline --message ...")

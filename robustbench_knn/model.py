@@ -77,8 +77,9 @@ class IdResNet(nn.Module):
             return ((flat - mu) / var.clamp_min(1.0 / flat.shape[1]).sqrt()).view_as(x)
         return (x - self.mean) / self.std
 
-    def forward(self, x: torch.Tensor, noise: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Embedding (or logits). ``noise=True`` only in training: Δ = 2·Bin(5, ½) − 5 on the normalised image."""
+    def features(self, x: torch.Tensor, noise: bool = False, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+        """The state the last layer (CL) reads: the penultimate features (width W_R + W_P)."""
         z = self.normalise(x)
         if noise:
             z = z + binomial_noise(z.shape, generator=generator, device=z.device)
@@ -87,7 +88,11 @@ class IdResNet(nn.Module):
             h = torch.relu(h)
         for i in range(self.cfg.n_dec):
             h = self.dec[0 if self.cfg.share_dec else i](h)
-        return self.cl(h)
+        return h
+
+    def forward(self, x: torch.Tensor, noise: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Embedding (or logits). ``noise=True`` only in training: Δ = 2·Bin(5, ½) − 5 on the normalised image."""
+        return self.cl(self.features(x, noise, generator))
 
     def flops_per_sample(self) -> int:
         """2 × multiply-adds of one forward pass (shared Dec layers count once per application)."""

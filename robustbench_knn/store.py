@@ -26,7 +26,15 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def model_dir(cfg: ExperimentConfig, cache_dir: str | os.PathLike | None = None) -> Path:
-    return cache_root(cache_dir) / "models" / f"{cfg.name}-{cfg.config_hash()}"
+    """``models/<name>-<config hash>``; a finished model of the same hash under another name is that model
+    (the hash covers everything that changes the weights), so it is found and reused, not retrained."""
+    models = cache_root(cache_dir) / "models"
+    own = models / f"{cfg.name}-{cfg.config_hash()}"
+    if not (own / "train_log.json").is_file() and models.is_dir():
+        for other in sorted(models.glob(f"*-{cfg.config_hash()}")):
+            if (other / "train_log.json").is_file() and (other / "weights.safetensors").is_file():
+                return other
+    return own
 
 
 def _atomic(path: Path, write) -> None:  # noqa: ANN001 - write(tmp_path)

@@ -17,23 +17,22 @@ from .config import UsageError
 from .losses import class_potentials, pairwise_distance
 
 if TYPE_CHECKING:
-    from .classifier import KNNClassifier
+    from .defense import KNNDefense
 
 
 class PotentialSurrogate(nn.Module):
-    def __init__(self, clf: "KNNClassifier") -> None:
+    def __init__(self, clf: "KNNDefense") -> None:
         super().__init__()
         self._clf = [clf]  # a list, so the classifier is not registered as a submodule (no cycle)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         clf = self._clf[0]
-        lc = clf.cfg.loss
-        return -class_potentials(emb, clf.bank, clf.bank_labels, n_spaces=clf.n_spaces, lam=lc.lam, l0=lc.l0,
+        return -class_potentials(emb, clf.bank, clf.bank_labels, n_spaces=clf.n_spaces, lam=clf.lam, l0=clf.l0,
                                  n_classes=clf.n_classes)
 
 
 class SoftKNNSurrogate(nn.Module):
-    def __init__(self, clf: "KNNClassifier", m: int = 50, temperature: float = 1.0) -> None:
+    def __init__(self, clf: "KNNDefense", m: int = 50, temperature: float = 1.0) -> None:
         super().__init__()
         if m < 1 or temperature <= 0:
             raise UsageError("softknn needs m >= 1 and temperature > 0")
@@ -60,7 +59,7 @@ class SoftKNNSurrogate(nn.Module):
 SURROGATES: dict[str, Callable[..., nn.Module]] = {"potential": PotentialSurrogate, "softknn": SoftKNNSurrogate}
 
 
-def make_surrogate(name: str, clf: "KNNClassifier", **options: float) -> nn.Module:
+def make_surrogate(name: str, clf: "KNNDefense", **options: float) -> nn.Module:
     try:
         return SURROGATES[name](clf, **options)
     except KeyError:

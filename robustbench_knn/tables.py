@@ -1,6 +1,6 @@
 """The paper's tables, regenerated: Table 1 (§3.2), Table 2 (§3.4 ablation) and the §3.5 untrained experiment.
 
-Running a table benchmarks each of its measured rows (``benchmark()`` trains what is missing, cached by config
+Running a table benchmarks each of its measured rows (``benchmark_config()`` trains what is missing, cached by config
 hash) and stores one JSON per row in ``<out>/results/<table>-<row>.json`` together with the settings that
 produced it, so an interrupted run resumes with the next unfinished row. Rendering reads only those JSONs and
 the paper's published numbers (``baselines/paper.json``, shipped in the package as
@@ -23,7 +23,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .attacks import AttackSpec, get_attack
-from .benchmark import _eps_label, benchmark
+from .experiment import _eps_label, benchmark_config
 from .config import ExperimentConfig, UsageError, apply_overrides, get_model_config
 from .store import read_json, write_json, write_text
 
@@ -229,8 +229,8 @@ def _run_row(table: str, row: str, cfg: ExperimentConfig, specs: list[AttackSpec
     if found is not None:
         write_json(path, {**found[1], "table": table, "reused_from": found[0].name})
         return
-    result = benchmark(cfg, specs, list(EPS), n_test=n_test, data_dir=data_dir, cache_dir=cache_dir,
-                       device=device, seed=cfg.train.seed, surrogate=SURROGATE, progress=progress)
+    result = benchmark_config(cfg, specs, list(EPS), n_test=n_test, data_dir=data_dir, cache_dir=cache_dir,
+                              device=device, seed=cfg.train.seed, surrogate=SURROGATE, progress=progress)
     write_json(path, {"table": table, "row": row, "settings": settings, "result": result})
 
 

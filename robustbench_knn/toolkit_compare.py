@@ -19,7 +19,7 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from .attacks import REGISTRY, AttackSpec
-from .benchmark import DATASET_NAME, _eps_label, cell_dir
+from .experiment import DATASET_NAME, _eps_label, cell_dir
 from .classifier import build_classifier
 from .config import STANDARD_SUITE, ExperimentConfig, UsageError
 from .data import load_cifar10
@@ -54,19 +54,33 @@ def run_compare(
     batch_size: int = 250,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run (or resume) every cell and write ``toolkits.{json,csv,md}`` into ``out_dir`` after each one."""
-    specs = suite_specs(names)
+    """Train or load ``cfg``, then run (or resume) every cell (see :func:`compare_classifiers`)."""
     dev = resolve_device(device)
     data = load_cifar10(data_dir)
     trained = train_model(cfg, data, device=dev, cache_dir=cache_dir, progress=progress)
+    clfs = {s: build_classifier(trained, s) for s in surrogates}
+    return compare_classifiers(clfs, data, eps_list, name=cfg.name, config_hash=cfg.config_hash(), names=names,
+                               n_test=n_test, out_dir=out_dir, seed=seed, batch_size=batch_size, progress=progress,
+                               cells=lambda sur: cell_dir(cfg, sur, data.sha256, cache_dir))
+
+
+def compare_classifiers(clfs: dict[str, torch.nn.Module], data: Any, eps_list: list[float], *, name: str,
+                        config_hash: str, names: tuple[str, ...] | list[str] = STANDARD_SUITE, n_test: int = 1000,
+                        out_dir: str | os.PathLike = "tables/toolkits", seed: int = 0, batch_size: int = 250,
+                        progress: bool = True, cells: Any = None) -> dict[str, Any]:
+    """Every attack of ``names`` through every toolkit, once per surrogate (``clfs``: surrogate name → the
+    defense with those logits), judged by the defense's decision; ``toolkits.{json,csv,md}`` are written into
+    ``out_dir`` after each cell. ``cells(surrogate)`` → a cell cache folder, or None."""
+    specs = suite_specs(names)
+    surrogates = list(clfs)
+    first = clfs[surrogates[0]]
     sub = data.test.head(min(n_test, len(data.test)))
     x, y = sub.floats(), sub.y
-    clfs = {s: build_classifier(trained, s) for s in surrogates}
     out = Path(out_dir)
     result: dict[str, Any] = {
-        "model": cfg.name, "config_hash": cfg.config_hash(), "k": cfg.k, "dataset": DATASET_NAME,
-        "dataset_sha256": data.sha256, "n_test": len(x), "seed": seed, "device": str(dev), "versions": versions(),
-        "eps": eps_list, "surrogates": list(surrogates), "cells": [],
+        "model": name, "config_hash": config_hash, "k": getattr(first, "k", None), "dataset": DATASET_NAME,
+        "dataset_sha256": data.sha256, "n_test": len(x), "seed": seed, "device": str(first.device).split(":")[0],
+        "versions": versions(), "eps": eps_list, "surrogates": surrogates, "cells": [],
     }
     t0 = time.perf_counter()
     jobs = plan_jobs(specs, surrogates)
@@ -74,7 +88,7 @@ def run_compare(
     for spec, sur in tqdm(jobs, desc="toolkit table", disable=not progress, unit="cell"):
         # the model's own cell cache: cells finished by `evaluate` or `audit` on the same images are reused
         res = run_attacks(clfs[sur], x, y, [spec], eps_list, batch_size=batch_size, progress=progress, seed=seed,
-                          cell_dir=cell_dir(cfg, sur, data.sha256, cache_dir))
+                          cell_dir=cells(sur) if cells else None)
         result["clean_correct"] = res["clean_correct"]
         for r in res["per_eps"]:
             entry = r["attacks"][spec.key]

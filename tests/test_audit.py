@@ -77,6 +77,9 @@ def test_save_audit_writes_json_csv_and_plots(tiny_clf, tiny_data, tmp_path):
     assert {"audit-tiny-abc-eps16.csv", "audit-tiny-abc-eps16-attacks.csv", "audit-tiny-abc-eps16-eps.png",
             "audit-tiny-abc-eps16-steps.png"} <= names
     assert "verdict" in (tmp_path / "audit-tiny-abc-eps16.csv").read_text()
+    card = json.loads((tmp_path / "audit-tiny-abc-eps16.model-card.json").read_text())
+    assert card["unreliable"] is (res["verdict"]["status"] != "TRUSTED") and card["eps"] == "16/255"
+    assert float(card["worst_case_robust_acc"]) == res["upper_bound_acc"] and "Audit verdict" in card["footnote"]
 
 
 def test_audit_cli_quick_end_to_end(tiny_data_dir, cache_dir, tmp_path, capsys):
@@ -87,7 +90,7 @@ def test_audit_cli_quick_end_to_end(tiny_data_dir, cache_dir, tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "TRUSTED" in out and "native:vote-square" in out and "native:transfer" in out
-    res = json.loads(next(tmp_path.glob("audit-*.json")).read_text())
+    res = json.loads(next(tmp_path.glob("audit-*-eps16.json")).read_text())
     assert res["n"] == 20 and res["quick"] and len(res["eps_curves"]["worst case"]) == 5  # 0, 8, 16, 32, 64 /255
     assert list(tmp_path.glob("*.png"))
 

@@ -30,10 +30,14 @@ def test_train_then_evaluate_end_to_end(tiny_data_dir, tmp_path, capsys):
                "--out", str(out_dir), *common])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "native:kfgsm" in printed and "clean k-NN accuracy" in printed
-    files = list(out_dir.glob("*.json"))
-    assert len(files) == 1 and len(list(out_dir.glob("*.csv"))) == 1
+    assert "native:kfgsm" in printed and "clean accuracy" in printed
+    files = sorted(out_dir.glob("*.json"))  # the results and their RobustBench-style model card
+    assert [f.name.endswith(".model-card.json") for f in files] == [False, True]
+    assert len(list(out_dir.glob("*.csv"))) == 1
     res = json.loads(files[0].read_text())
+    card = json.loads(files[1].read_text())
+    assert card["eps"] == "8/255" and card["more_eps"][0]["eps"] == "0.1" and card["n_examples"] == 30
+    assert float(card["worst_case_robust_acc"]) == res["per_eps"][0]["worst_case_acc"]
     assert res["n_test"] == 30 and res["n_clean"] == 100 and res["eps"] == pytest.approx([8 / 255, 0.1])
     assert res["dataset_sha256"] and res["config"]["k"] == 5 and "torch" in res["versions"]
     assert len(res["per_eps"][0]["attacks"]["native:kfgsm"]["robust"]) == 30

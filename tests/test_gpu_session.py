@@ -23,8 +23,9 @@ def session():
 
 
 @pytest.mark.parametrize("tiny", [False, True])
-def test_every_planned_command_parses(session, tiny):
-    search, lanes = session.plan(tiny)
+@pytest.mark.parametrize("which", ["regenerate", "followup"])
+def test_every_planned_command_parses(session, tiny, which):
+    search, lanes = session.PLANS[which](tiny)
     steps = [search] + [argv for lane in lanes.values() for _, argv in lane]
     parser = build_parser()
     for argv in steps:
@@ -32,9 +33,15 @@ def test_every_planned_command_parses(session, tiny):
         if getattr(args, "attacks", None) and args.command in ("evaluate", "table"):
             parse_attack_list(args.attacks)
     names = [name for lane in lanes.values() for name, _ in lane]
-    assert len(names) == len(set(names)) and {"table1", "table2", "untrained", "toolkits"} <= set(names)
-    # FULL is trained by lane A's first step; lane B reaches FULL only at Table 2's last row
-    assert lanes["A"][0][0] == "table1" and lanes["B"][0][0] == "table2"
+    assert len(names) == len(set(names)) and "toolkits" in names
+    if which == "regenerate":
+        assert {"table1", "table2", "untrained"} <= set(names)
+        # FULL is trained by lane A's first step; lane B reaches FULL only at Table 2's last row
+        assert lanes["A"][0][0] == "table1" and lanes["B"][0][0] == "table2"
+    else:  # aligned vs unaligned on the same attacks; both subjects evaluated and audited at both ε
+        b = [argv for _, argv in lanes["B"]]
+        assert b[0] + ["--aligned"] == b[1]
+        assert {"evaluate-raw_pixel_knn", "audit-deep_knn_a-16"} <= set(names)
 
 
 def test_toolkit_attack_list_is_valid(session):

@@ -19,7 +19,7 @@ SHA = "ab" * 32
 
 
 def _result(model: str, clean: float, robust: tuple, *, attacks=(KFGSM,), worst=None, wall=100.0) -> dict:
-    """A stored benchmark() result as written by hand: only what the tables read."""
+    """A stored benchmark_config() result as written by hand: only what the tables read."""
     per_eps = []
     for i, eps in enumerate(tables.EPS):
         atk = {k: {"robust_acc": robust[i], "params": {"steps": 30, "step_ratio": 0.1}} for k in attacks}
@@ -136,7 +136,7 @@ def _fake_benchmark(calls, fail_on=None):
 def test_resume_skips_finished_rows(tmp_path, tiny_data_dir, monkeypatch):
     calls = []
     kw = dict(n_test=10, data_dir=str(tiny_data_dir), out_dir=tmp_path, progress=False, row_bar=False)
-    monkeypatch.setattr(tables, "benchmark", _fake_benchmark(calls, fail_on="b"))
+    monkeypatch.setattr(tables, "benchmark_config", _fake_benchmark(calls, fail_on="b"))
     with pytest.raises(KeyboardInterrupt):
         tables.run_table("table2", **kw)
     assert calls == ["a", "b"] and tables.result_path(tmp_path, "table2", "a").is_file()
@@ -144,7 +144,7 @@ def test_resume_skips_finished_rows(tmp_path, tiny_data_dir, monkeypatch):
     assert "missing rows" in (tmp_path / "table2.md").read_text()  # partial table rendered honestly
 
     calls.clear()
-    monkeypatch.setattr(tables, "benchmark", _fake_benchmark(calls))
+    monkeypatch.setattr(tables, "benchmark_config", _fake_benchmark(calls))
     tables.run_table("table2", **kw)
     assert calls == ["b", "c", "d", "e", "full"]  # a was not recomputed
     tables.run_table("table2", **kw)
@@ -210,6 +210,6 @@ def test_untrained_end_to_end_through_the_cli(tmp_path, tiny_data_dir, monkeypat
     def boom(*a, **k):
         raise AssertionError("finished rows must not be recomputed")
 
-    monkeypatch.setattr(tables, "benchmark", boom)
+    monkeypatch.setattr(tables, "benchmark_config", boom)
     assert main(argv) == 0
     assert main(["table", "--untrained", "--render-only", "--out", str(tmp_path / "t")]) == 0

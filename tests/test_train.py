@@ -16,6 +16,12 @@ def test_cached_model_is_reused(tiny_trained, tiny_data, cache_dir):
     assert (tiny_trained.path / "weights.safetensors").is_file() and (tiny_trained.path / "config.json").is_file()
 
 
+def test_same_config_under_another_name_is_not_retrained(tiny_trained, tiny_data, cache_dir):
+    other = train_model(TINY_CFG.replace(name="renamed"), tiny_data, device="cpu", cache_dir=cache_dir, progress=False)
+    assert other.path == tiny_trained.path and not list((cache_dir / "models").glob("renamed-*"))
+    assert torch.equal(other.net.ots.weight, tiny_trained.net.ots.weight)
+
+
 def test_interrupted_training_resumes_to_the_same_weights(tiny_data, tmp_path, monkeypatch):
     cfg = TINY_CFG.replace(name="resume", train={"epochs": 3})
     reference = train_model(cfg, tiny_data, device="cpu", cache_dir=tmp_path / "a", progress=False)

@@ -7,7 +7,35 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import UsageError
+from ..config import MODELS, UsageError
+
+# Parameters with a fixed set of values, and the integer ones for which 0 means something (m = 0: k; seed).
+CHOICES: dict[str, tuple[str, ...]] = {"target": ("nearest", "mean"), "craft": ("apgd", "kfgsm"), "source": tuple(MODELS)}
+ZERO_OK = {"m", "seed", "source_seed"}
+
+
+def check_param(key: str, param: str, value: Any, default: Any) -> None:
+    """One attack parameter against the type and range its default implies (a clear error before any work)."""
+    def bad(want: str) -> UsageError:
+        return UsageError(f"attack {key}: {param} must be {want}, not {value!r}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif isinstance(default, int) or (default is None and param in ZERO_OK):
+        if default is None and value is None:
+            return
+        low = 0 if param in ZERO_OK else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise bad(f"an integer >= {low}")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise bad("a number > 0")
+        if param == "p_init" and value > 1:
+            raise bad("in (0, 1]")
+    elif isinstance(default, str):
+        if not isinstance(value, str) or (param in CHOICES and value not in CHOICES[param]):
+            raise bad("one of " + ", ".join(CHOICES.get(param, ("a string",))))
 
 
 class Attack:
@@ -48,12 +76,18 @@ class AttackSpec:
     def key(self) -> str:
         return f"{self.toolkit}:{self.name}"
 
-    def build(self, model: torch.nn.Module, eps: float, **overrides: Any) -> Attack:
+    def check(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """The parameters with ``overrides`` applied, each checked; a UsageError before any work otherwise."""
         unknown = set(overrides) - set(self.defaults)
         if unknown:
             raise UsageError(f"attack {self.key} has no parameter(s) {', '.join(sorted(unknown))}; "
                              f"it takes {', '.join(self.defaults) or 'none'}")
-        return self.factory(model, eps, **{**self.defaults, **overrides})
+        for param, value in overrides.items():
+            check_param(self.key, param, value, self.defaults[param])
+        return {**self.defaults, **overrides}
+
+    def build(self, model: torch.nn.Module, eps: float, **overrides: Any) -> Attack:
+        return self.factory(model, eps, **self.check(overrides))
 
 
 REGISTRY: dict[str, AttackSpec] = {}

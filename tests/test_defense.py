@@ -1,0 +1,163 @@
+"""Bring your own defense: KNNDefense's metrics against brute force, decision-aligned logits, benchmark()."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from robustbench_knn import BenchmarkResult, KNNDefense, UsageError, benchmark
+from robustbench_knn.classifier import KNNClassifier
+from robustbench_knn.defense import aligned_logits
+
+
+def _brute_vote(x, bank, labels, k, n_classes, rank_dist, tie_dist):
+    """The documented rule, one row at a time: k nearest by (distance, index); most votes; then the smaller
+    summed distance of the class's neighbours; then the lower class index."""
+    out = []
+    for i in range(len(x)):
+        d = [(float(rank_dist(x[i], bank[j])), j) for j in range(len(bank))]
+        near = [j for _, j in sorted(d)[:k]]
+        votes = [sum(labels[j] == c for j in near) for c in range(n_classes)]
+        sums = [sum(float(tie_dist(x[i], bank[j])) for j in near if labels[j] == c) for c in range(n_classes)]
+        best = max(votes)
+        out.append(min((sums[c], c) for c in range(n_classes) if votes[c] == best)[1])
+    return torch.tensor(out)
+
+
+def _l2(a, b):
+    return torch.linalg.vector_norm(a - b)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine", "sum-l2:2", "sum-l2:3"])
+def test_each_metric_votes_as_brute_force(metric):
+    gen = torch.Generator().manual_seed(1)
+    bank, x = torch.randn(120, 6, generator=gen), torch.randn(40, 6, generator=gen)
+    labels = torch.randint(0, 4, (120,), generator=gen)
+    d = KNNDefense(nn.Identity(), labels, bank_embeddings=bank, k=7, metric=metric)
+    if metric == "cosine":
+        unit = nn.functional.normalize
+        rank = lambda a, b: 1 - torch.dot(a, b) / (a.norm() * b.norm())  # noqa: E731 - cosine distance
+        tie = lambda a, b: _l2(unit(a, dim=0), unit(b, dim=0))  # noqa: E731
+    else:
+        n = 1 if metric == "l2" else int(metric.split(":")[1])
+        rank = tie = lambda a, b: sum(_l2(p, q) for p, q in zip(a.chunk(n), b.chunk(n)))  # noqa: E731
+    want = _brute_vote(x, bank, labels.tolist(), 7, 4, rank, tie)
+    assert torch.equal(d.predict(x), want)
+
+
+def test_bank_as_images_equals_bank_as_embeddings(tiny_data):
+    emb = nn.Sequential(nn.Flatten(), nn.Linear(3072, 8))
+    train = tiny_data.train
+    a = KNNDefense(emb, train.y, bank_images=train.x, k=5)  # uint8 images, embedded in batches
+    b = KNNDefense(emb, train.y, bank_embeddings=emb(train.floats()).detach(), k=5)
+    x = tiny_data.test.floats()
+    assert torch.allclose(a.bank, b.bank, atol=1e-5) and torch.equal(a.predict(x), b.predict(x))
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    ({"bank_embeddings": torch.zeros(5, 4), "bank_images": torch.zeros(5, 4)}, "exactly one"),
+    ({}, "exactly one"),
+    ({"bank_embeddings": torch.zeros(4, 4)}, "one vector per label"),
+    ({"bank_embeddings": torch.zeros(5, 5), "metric": "sum-l2:2"}, "divisible by 2"),
+    ({"bank_embeddings": torch.zeros(5, 4), "metric": "l1"}, "metric must be"),
+    ({"bank_embeddings": torch.zeros(5, 4), "k": 6}, "between 1 and the bank size"),
+    ({"bank_embeddings": torch.zeros(5, 4), "surrogate": "potential"}, "lam and l0"),
+])
+def test_bad_defense_input_is_one_clear_error(kwargs, msg):
+    with pytest.raises(UsageError, match=msg):
+        KNNDefense(nn.Identity(), torch.arange(5) % 2, **{"k": 3, **kwargs})
+
+
+def test_aligned_logits_lift_only_where_needed():
+    z = torch.tensor([[3.0, 1.0, float("-inf")], [0.0, 2.0, 1.0], [5.0, 5.0, -1.0]])
+    out = aligned_logits(z, torch.tensor([0, 2, 1]))
+    assert out.argmax(1).tolist() == [0, 2, 1]
+    assert torch.equal(out[0], z[0]) and out[1, 2] > 2.0 and out[2, 1] > 5.0
+    assert torch.equal(out[:, :2][1], z[1, :2])  # only the decided class moves
+
+
+@pytest.mark.parametrize("surrogate", ["potential", "softknn"])
+def test_aligned_forward_follows_the_vote_with_the_surrogates_gradient(tiny_clf, tiny_data, surrogate):
+    plain = KNNClassifier(tiny_clf.net, tiny_clf.bank, tiny_clf.bank_labels, tiny_clf.cfg, surrogate)
+    aligned = KNNClassifier(tiny_clf.net, tiny_clf.bank, tiny_clf.bank_labels, tiny_clf.cfg, surrogate, aligned=True)
+    # points on the way to adversarial: where surrogate and vote disagree most
+    x = (tiny_data.test.floats() + 0.15 * torch.randn(100, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    x = x.clamp(0, 1)
+    with torch.no_grad():
+        assert torch.equal(aligned(x).argmax(1), aligned.predict(x))
+    w = torch.randn(100, 10, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for clf in (plain, aligned):
+        xr = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad((clf(xr) * w).sum(), xr)
+        grads.append(g)
+    assert torch.allclose(grads[0], grads[1])
+
+
+class TinyEmbedding(nn.Module):
+    """A user's own embedding: nothing of this project's model in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(3072, 16), nn.Tanh(), nn.Linear(16, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x - 0.5)
+
+
+def test_benchmark_a_user_defense_in_three_lines(tiny_data, tiny_data_dir, tmp_path):
+    defense = KNNDefense(TinyEmbedding(), tiny_data.train.y, bank_images=tiny_data.train.x, k=5, metric="cosine")
+    res = benchmark(defense, n_examples=30, eps=8 / 255, attacks="kfgsm,aa:apgd,feature", data_dir=str(tiny_data_dir),
+                    device="cpu", out=tmp_path, name="mine", progress=False)
+    clean_acc, robust_acc = res
+    assert isinstance(res, BenchmarkResult) and res.n_examples == 30
+    x, y = tiny_data.test.head(30).floats(), tiny_data.test.head(30).y
+    assert clean_acc == pytest.approx(100 * (defense.predict(x) == y).float().mean().item(), abs=0.01)
+    assert robust_acc <= min(res.per_attack.values()) <= clean_acc
+    assert set(res.per_attack) == {"native:kfgsm", "aa:apgd", "native:feature"}
+    per_sample = res.per_sample()
+    assert robust_acc == pytest.approx(100 * per_sample["robust worst case"].mean(), abs=0.01)
+    assert list(res.to_frame()["attack"])[-1] == "worst case"
+    card = json.loads((tmp_path / "mine.model-card.json").read_text())
+    assert card["threat_model"] == "Linf" and card["eps"] == "8/255" and card["n_examples"] == 30
+    assert float(card["worst_case_robust_acc"]) == robust_acc and card["unreliable"] is None
+    assert (tmp_path / "mine.csv").is_file() and json.loads((tmp_path / "mine.json").read_text())["robust_acc"] == robust_acc
+
+
+def test_benchmark_a_plain_logit_module(tiny_data_dir, tiny_trained):
+    net = tiny_trained.net  # outputs 6 numbers: read as 6 class logits by argmax, nothing k-NN about it
+    res = benchmark(nn.Sequential(net, nn.Linear(6, 10)), n_examples=20, attacks="kfgsm,aa:apgd",
+                    data_dir=str(tiny_data_dir), device="cpu", progress=False)
+    assert 0 <= res.robust_acc <= res.clean_acc <= 100 and res.name == "Sequential"
+    with pytest.raises(UsageError, match="k-NN vote"):  # adaptive k-NN attacks: refused before any work
+        benchmark(nn.Sequential(net, nn.Linear(6, 10)), attacks="adaptive", data_dir=str(tiny_data_dir),
+                  device="cpu", progress=False)
+    with pytest.raises(UsageError, match="nn.Module"):
+        benchmark(object(), data_dir=str(tiny_data_dir), progress=False)
+
+
+def test_raw_pixel_subject_chooses_k_on_validation(tiny_data_dir, tiny_data):
+    from robustbench_knn.subjects import K_CANDIDATES, raw_pixel_knn
+
+    d = raw_pixel_knn(str(tiny_data_dir), device="cpu", val_size=100)
+    scores = d.k_choice["val_acc"]
+    assert set(scores) == set(K_CANDIDATES) and d.k == d.k_choice["chosen"]
+    assert scores[d.k] == max(scores.values()) and len(d.bank) == 400  # scored on 300 vs 100, then all 400
+    x = tiny_data.test.floats()
+    dist = torch.cdist(x.flatten(1), tiny_data.train.floats().flatten(1))
+    nearest = dist.argmin(1)
+    one_nn = raw_pixel_knn(str(tiny_data_dir), k=1, device="cpu")
+    assert torch.equal(one_nn.predict(x), tiny_data.train.y[nearest])
+
+
+def test_deep_knn_subject_on_row_a_features(tiny_data_dir, tiny_data, cache_dir):
+    from robustbench_knn.subjects import deep_knn_a
+
+    sets = ["model.w_r=32", "model.d=3", "train.epochs=3", "train.batch_size=100"]
+    d = deep_knn_a(str(tiny_data_dir), k=5, device="cpu", cache_dir=str(cache_dir), sets=sets)
+    assert d.bank.shape == (400, 32 + 6) and d.metric == "l2"
+    x = tiny_data.test.floats()
+    assert torch.allclose(d.embed(x[:4]), d.net.net.features(x[:4]))
+    assert (d.predict(x) == tiny_data.test.y).float().mean() > 0.5  # well-separated tiny classes
