@@ -24,7 +24,7 @@ from .attacks.transfer import transfer_sources, trained_sources
 from .config import UsageError, get_model_config
 from .defense import BaseClassifier, KNNDefense, ModuleClassifier
 from .evaluate import run_attacks, versions
-from .experiment import DATASET_NAME
+from .experiment import DATASET_NAME, _eps_label
 from .store import write_json
 
 # Attacks that read the k-NN bank (they need a KNNDefense); the others only need logits.
@@ -89,7 +89,7 @@ def model_card(name: str, dataset: str, eps: float, clean_acc: float, robust_acc
     masking audit's verdict (None: no audit was run)."""
     return {
         "name": name, "dataset": "cifar10", "dataset_detail": dataset, "threat_model": "Linf",
-        "eps": f"{round(eps * 255)}/255" if abs(eps * 255 - round(eps * 255)) < 1e-6 else f"{eps:.4g}",
+        "eps": _eps_label(eps),
         "clean_acc": f"{clean_acc:.2f}", "reported": None, "worst_case_robust_acc": f"{robust_acc:.2f}",
         "autoattack_acc": None, "unreliable": unreliable, "n_examples": n_examples,
         "footnote": footnote or ("Robust accuracy is the per-sample worst case over the attacks listed, judged by "

@@ -151,24 +151,22 @@ class KNNDefense(BaseClassifier):
         e = self.net(x).flatten(1)
         return F.normalize(e, dim=1) if self.normalize else e
 
-    def _vote(self, emb: torch.Tensor) -> torch.Tensor:
-        return vote_decision(*knn_votes(emb, self.bank, self.bank_labels, k=self.k, n_spaces=self.n_spaces,
-                                        n_classes=self.n_classes))
+    def _votes_of(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return knn_votes(emb, self.bank, self.bank_labels, k=self.k, n_spaces=self.n_spaces, n_classes=self.n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         emb = self.embed(x)
         logits = self.surrogate(emb)
         if self.aligned:
             with torch.no_grad():
-                decision = self._vote(emb.detach())
+                decision = vote_decision(*self._votes_of(emb.detach()))
             logits = aligned_logits(logits, decision)
         return logits
 
     @torch.no_grad()
     def votes(self, x: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
         embs = torch.cat([self.embed(x[i:i + batch_size].to(self.device)) for i in range(0, len(x), batch_size)])
-        return knn_votes(embs, self.bank, self.bank_labels, k=self.k, n_spaces=self.n_spaces,
-                         n_classes=self.n_classes)
+        return self._votes_of(embs)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
