@@ -135,7 +135,20 @@ def followup_plan(tiny: bool) -> tuple[list[str], dict[str, list[tuple[str, list
     return search, lanes
 
 
-PLANS = {"regenerate": plan, "followup": followup_plan}
+def scale_plan(tiny: bool) -> tuple[list[str], dict[str, list[tuple[str, list[str]]]]]:
+    """Issue 13's GPU figures: FULL on all 10,000 test images at 8/255 under kFGSM, AutoAttack standard and the
+    adaptive suite, one cell after another (each cached as it finishes, so a second call resumes), on one GPU.
+    ``benchmarks/cost_model.py`` turns its per-cell seconds into the README's cost model."""
+    search, _ = plan(tiny)
+    t = TINY if tiny else []
+    n = ["--n-test", "20"] if tiny else ["--n-test", "10000"]
+    ep = ["--epochs", "1"] if tiny else []
+    return search, {"A": [("evaluate-full-10k", ["evaluate", "--model", "full", "--quiet", *n, *ep, "--eps", "8/255",
+                                                  "--attacks", "kfgsm,aa:autoattack,adaptive",
+                                                  "--out", "tables/evaluate-10k-gpu", *t])]}
+
+
+PLANS = {"regenerate": plan, "followup": followup_plan, "scale": scale_plan}
 
 
 def machine() -> dict[str, str]:
@@ -210,7 +223,8 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="CPU rehearsal with tiny settings")
     ap.add_argument("--only", help="comma list of step names (default: all)")
     ap.add_argument("--plan", choices=tuple(PLANS), default="regenerate",
-                    help="regenerate: this issue-11 run (search, tables, audits); followup: the next lease's work")
+                    help="regenerate: this issue-11 run (search, tables, audits); followup: issue 11/12 leftovers; "
+                         "scale: issue 13's 10k evaluation")
     ap.add_argument("--lane", help=argparse.SUPPRESS)  # internal: run one lane (with --sets, --deadline-at)
     ap.add_argument("--sets", help=argparse.SUPPRESS)
     ap.add_argument("--deadline-at", type=float, help=argparse.SUPPRESS)

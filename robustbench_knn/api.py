@@ -135,11 +135,15 @@ def benchmark(model: Any, *, n_examples: int = 1000, eps: float = 8 / 255, attac
     ``KNNDefense``, and ``transfer`` crafts on Table 2's row A at FULL's size (trained once, cached).
     ``out``: also save JSON, per-sample CSV and a RobustBench-style model card there.
     """
+    from . import distributed
     from .data import load_cifar10
     from .train import resolve_device, train_model
 
     if n_examples < 1 or not 0 < eps < 1:
         raise UsageError("n_examples must be >= 1 and eps in (0, 1)")
+    part = distributed.current()
+    if distributed.launched_by_torchrun() and not part.group:  # a script started by torchrun: the ranks split it
+        part = distributed.init_group()  # first: it picks this rank's GPU, which "auto" then resolves to
     dev = resolve_device(device)
     data = load_cifar10(data_dir)
     target_cfg = get_model_config("full")
@@ -159,16 +163,18 @@ def benchmark(model: Any, *, n_examples: int = 1000, eps: float = 8 / 255, attac
     x, y = sub.floats(), sub.y
     t0 = time.perf_counter()
     sources = trained_sources(data, target_cfg=target_cfg, cache_dir=cache_dir, device=dev, progress=progress)
-    with transfer_sources(sources):
-        res = run_attacks(clf, x, y, specs, [float(eps)], batch_size=batch_size, progress=progress, seed=seed)
+    with transfer_sources(sources), distributed.use(part):
+        res = run_attacks(clf, x, y, specs, [float(eps)], batch_size=batch_size, progress=progress and part.writer,
+                          seed=seed)
     cell = res["per_eps"][0]
     raw = {"name": name, "dataset": DATASET_NAME, "dataset_sha256": data.sha256, "eps": float(eps), "seed": seed,
            "device": str(dev), "versions": versions(), "attacks": [s.key for s in specs], "labels": y.tolist(),
+           "processes": part.world if part.group else 1,
            "wall_seconds": round(time.perf_counter() - t0, 1), **res}
     result = BenchmarkResult(
         name=name, eps=float(eps), n_examples=len(x), clean_acc=cell["clean_acc"],
         robust_acc=cell["worst_case_acc"],
         per_attack={k: c["robust_acc"] for k, c in cell["attacks"].items() if c["valid"]}, raw=raw)
-    if out is not None:
+    if out is not None and part.writer:
         result.save(out)
     return result

@@ -23,6 +23,7 @@ from .attacks import STANDARD_SUITE, AttackSpec, get_attack, input_gradient, par
 from .attacks.adaptive import ADAPTIVE_SUITE
 from .attacks.transfer import transfer_sources, trained_sources
 from .config import ExperimentConfig, UsageError
+from .distributed import current
 from .evaluate import robust_mask, run_attacks, versions
 
 QUICK_STANDARD = ("kfgsm", "aa:apgd")
@@ -384,6 +385,8 @@ def save_audit(result: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     label = f"{result['eps'] * 255:g}".replace(".", "p")
     stem = out / f"audit-{result.get('model', 'model')}-{result.get('config_hash', 'x')}-eps{label}"
+    if not current().writer:  # rank 0 writes what every rank holds
+        return stem.with_suffix(".json")
     write_json(stem.with_suffix(".json"), result)
     write_text(stem.with_suffix(".csv"), checks_frame(result).to_csv(index=False))
     write_text(Path(f"{stem}-attacks.csv"), attacks_frame(result).to_csv(index=False))
@@ -422,14 +425,13 @@ def audit_classifier(clf: torch.nn.Module, data: Any, eps: float, *, name: str, 
                      cells: str | os.PathLike | None = None) -> dict[str, Any]:
     """Audit any defense through its interface (adaptive k-NN attacks where it has a bank; ``transfer``
     crafts on Table 2's row A at ``target_cfg``'s size, FULL's by default)."""
-    from .config import get_model_config
     from .experiment import DATASET_NAME
 
     if n_test < 1:
         raise UsageError("--n-test must be >= 1")
     sub = data.test.head(min(n_test, len(data.test)))
     adaptive = ADAPTIVE_SUITE if hasattr(clf, "bank") else ("transfer",)
-    sources = trained_sources(data, target_cfg=target_cfg or get_model_config("full"), cache_dir=cache_dir,
+    sources = trained_sources(data, target_cfg=target_cfg, cache_dir=cache_dir,
                               device=clf.device, progress=progress)
     with transfer_sources(sources):
         result = run_audit(clf, sub.floats(), sub.y, eps,

@@ -6,6 +6,8 @@ Bad input gives one line on stderr and exit code 2, with nothing written.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 from fractions import Fraction
@@ -116,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aligned", action="store_true",
                    help="decision-aligned logits: their argmax is the hard vote, their gradient the surrogate's")
     p.add_argument("--out", default="results", help="folder for the results JSON, CSV and model card")
+    p.add_argument("--shard", metavar="I/N",
+                   help="compute part I (from 0) of N and write it into --out; `merge` joins the parts "
+                        "(clusters without a process group: SLURM arrays, machines sharing a disk)")
+
+    p = sub.add_parser("merge", help="join the parts of `evaluate --shard I/N` into the result of a single run")
+    p.add_argument("dir", help="folder holding the parts (evaluate's --out)")
 
     sub.add_parser("attacks", help="list attack names, toolkits and parameters")
 
@@ -210,10 +218,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from tabulate import tabulate
-
     from .attacks import parse_attack_list
-    from .experiment import benchmark_config, save_results, summary_frame
     from .surrogate import SURROGATES
 
     specs = parse_attack_list(args.attacks)
@@ -223,6 +228,22 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise UsageError(f"unknown surrogate {args.surrogate!r}; choose from {', '.join(SURROGATES)}")
     if args.n_test < 1 or (args.n_clean is not None and args.n_clean < 1) or args.batch_size < 1:
         raise UsageError("--n-test, --n-clean and --batch-size must be >= 1")
+    if args.shard is not None:
+        from . import distributed
+
+        if distributed.current().group:
+            raise UsageError("--shard splits a job without a process group; under torchrun the ranks split it")
+        with distributed.use(distributed.parse_shard(args.shard)):
+            return _run_evaluate(args, specs, eps, overrides)
+    return _run_evaluate(args, specs, eps, overrides)
+
+
+def _run_evaluate(args: argparse.Namespace, specs: list[Any], eps: list[float],
+                  overrides: dict[str, dict[str, Any]]) -> None:
+    from tabulate import tabulate
+
+    from .experiment import benchmark_config, save_results, summary_frame
+
     if is_config_name(args.model):
         cfg = _model_config(args)
         result = benchmark_config(cfg, specs, eps, n_test=args.n_test, n_clean=args.n_clean, data_dir=args.data_dir,
@@ -232,6 +253,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     else:
         result = _evaluate_loaded(args, specs, eps, overrides)
     path = save_results(result, args.out)
+    if "shard" in result:
+        print(f"part {args.shard} of {result['model']} written: {path} ({result['wall_seconds']:.0f} s); "
+              f"when every part is there: robustbench-knn merge {args.out}")
+        return
     print(f"{result['dataset']}, model {result['model']}: clean accuracy {result['clean_acc_full']:.2f}% "
           f"on {result['n_clean']} test images; attacks on the first {result['n_test']}")
     print(tabulate(summary_frame(result), headers="keys", tablefmt="github", showindex=False))
@@ -258,7 +283,7 @@ def _evaluate_loaded(args: argparse.Namespace, specs: list[Any], eps: list[float
     clf, cfg, name = resolve_model(args.model, surrogate=args.surrogate, aligned=args.aligned, device=dev)
     require_knn(specs, clf)  # the adaptive k-NN attacks need a k-NN defense: refused before any work
     data = load_cifar10(args.data_dir)
-    sources = trained_sources(data, target_cfg=cfg or get_model_config("full"), cache_dir=args.cache_dir,
+    sources = trained_sources(data, target_cfg=cfg, cache_dir=args.cache_dir,
                               device=dev, progress=not args.quiet)
     with transfer_sources(sources):
         return evaluate_classifier(clf, data, specs, eps, name=name, n_test=args.n_test, n_clean=args.n_clean,
@@ -487,6 +512,19 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> None:
+    from tabulate import tabulate
+
+    from .experiment import summary_frame
+    from .merge import merge_dir
+
+    for path, result in merge_dir(args.dir):
+        print(f"{result['model']}: {result['processes']} parts merged; clean accuracy {result['clean_acc_full']:.2f}% "
+              f"on {result['n_clean']} test images; attacks on the first {result['n_test']}")
+        print(tabulate(summary_frame(result), headers="keys", tablefmt="github", showindex=False))
+        print(f"results: {path}")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import run_bench
 
@@ -497,16 +535,36 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "attacks": cmd_attacks, "toolkits": cmd_toolkits,
-            "search": cmd_search, "export": cmd_export,
+            "search": cmd_search, "export": cmd_export, "merge": cmd_merge,
             "bench": cmd_bench, "table": cmd_table, "gate": cmd_gate, "audit": cmd_audit}
 
 
+DISTRIBUTED = ("evaluate", "audit", "toolkits")  # the commands torchrun can split
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from . import distributed
+
+    where = ""
     try:
         args = build_parser().parse_args(argv)
-        rc = COMMANDS[args.command](args)
+        if not distributed.launched_by_torchrun():
+            rc = COMMANDS[args.command](args)
+        else:
+            if args.command not in DISTRIBUTED:
+                raise UsageError(f"torchrun splits {', '.join(DISTRIBUTED)}; run {args.command!r} as one process")
+            part = distributed.init_group()
+            where = f" (rank {part.rank} of {part.world})"
+            try:
+                with distributed.use(part), contextlib.ExitStack() as stack:
+                    if not part.writer:  # rank 0 prints, draws progress and writes what every rank holds
+                        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+                        args.quiet = True
+                    rc = COMMANDS[args.command](args)
+            finally:
+                distributed.close_group()
     except UsageError as e:
-        print(f"robustbench-knn: error: {e}", file=sys.stderr)
+        print(f"robustbench-knn: error{where}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("robustbench-knn: interrupted (finished work is cached; run again to resume)", file=sys.stderr)

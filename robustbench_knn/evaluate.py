@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .attacks import AttackSpec, input_gradient
+from .distributed import SINGLE, Partition, all_gather, current, seed_batch
 from .store import read_json, write_json
 
 TOL = 1e-6  # float32 slack on the ε-ball and [0, 1] checks
@@ -95,6 +96,27 @@ def cell_seed(seed: int, eps: float, key: str) -> int:
     return int(_fingerprint(seed, round(eps, 8), key)[:8], 16)
 
 
+def batch_seed(cell: int, batch: int) -> int:
+    """Each global batch of a cell draws from its own seed, so it gives the same outcome on any rank or shard."""
+    return int(_fingerprint(cell, batch)[:8], 16)
+
+
+SEEDING = "per-batch"  # in every cell's name: cells of the older per-cell seeding are never mixed in
+PREDICT_BLOCK = 1000  # clean predictions run in fixed blocks of the global index (and are split by them)
+
+
+def predict_split(clf: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``clf.predict`` on ``x`` in fixed blocks; a process group splits the blocks and gathers the labels (a shard
+    computes them all: it needs every clean label to know which points the global batches hold)."""
+    part = current()
+    n_blocks = (len(x) + PREDICT_BLOCK - 1) // PREDICT_BLOCK
+    mine = {b: clf.predict(x[b * PREDICT_BLOCK:(b + 1) * PREDICT_BLOCK]).cpu()
+            for b in range(n_blocks) if not part.group or part.owns(b)}
+    for other in all_gather(mine):
+        mine.update(other)
+    return torch.cat([mine[b] for b in range(n_blocks)]) if n_blocks else torch.zeros(0, dtype=torch.long)
+
+
 def run_attacks(
     clf: torch.nn.Module,
     x: torch.Tensor,
@@ -107,53 +129,113 @@ def run_attacks(
     progress: bool = True,
     seed: int = 0,
     cell_dir: str | os.PathLike | None = None,
+    clean_pred: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Attack ``x`` (floats in [0, 1]) with every spec at every ε; return per-ε, per-attack and per-sample results.
 
-    Only clean-correct points are attacked (the others are never robust), as AutoAttack does. With
-    ``cell_dir`` each finished (ε, attack) cell is stored there (atomically) and reused by a later call on the
-    same images, labels and parameters, so a killed run resumes; ``cell_dir`` must be specific to the model.
+    Only clean-correct points are attacked (the others are never robust), as AutoAttack does, in global batches
+    of ``batch_size`` of them; this process runs the batches its partition owns (``distributed.current()``) and a
+    process group gathers the rest. With ``cell_dir`` each finished (ε, attack) cell is stored there (atomically)
+    and reused by a later call on the same images, labels and parameters, so a killed run resumes (a part keeps
+    its own part of a cell); ``cell_dir`` must be specific to the model. ``clean_pred``: ``predict(x)`` if known.
     """
     overrides = overrides or {}
-    clean_pred = clf.predict(x).cpu()
+    part = current()
+    clean_pred = predict_split(clf, x) if clean_pred is None else clean_pred.cpu()
     clean_ok = clean_pred == y.cpu()
     idx = torch.nonzero(clean_ok).squeeze(1)
     # the weights and bank themselves, not the config: a retrain elsewhere may differ in the last bits
     data_fp = _fingerprint(x, y, batch_size, *clf.state_dict().values()) if cell_dir is not None else ""
-    per_eps = []
+    cells: dict[tuple[float, str], dict[str, Any]] = {}
     n_batches = (len(idx) + batch_size - 1) // batch_size
-    bar = tqdm(total=len(eps_list) * len(specs) * n_batches, desc="attacks", disable=not progress, unit="batch")
+    mine = sum(part.owns(b) for b in range(n_batches))
+    bar = tqdm(total=len(eps_list) * len(specs) * mine, desc="attacks", unit="batch",
+               disable=not progress or not part.writer)
     for eps in eps_list:
-        worst = clean_ok.clone()
-        attacks_out: dict[str, Any] = {}
         for spec in specs:
             params = {**spec.defaults, **overrides.get(spec.key, {})}
             path = None
             if cell_dir is not None:
-                name = f"{spec.key.replace(':', '_')}-eps{eps:.6f}-{_fingerprint(data_fp, params, seed)}.json"
-                path = Path(cell_dir) / name
+                name = f"{spec.key.replace(':', '_')}-eps{eps:.6f}-{_fingerprint(data_fp, params, seed, SEEDING)}"
+                path = Path(cell_dir) / f"{name}.json"
+            part_path = path.with_suffix(f".{part.tag}.json") if path is not None and part.world > 1 else None
             if path is not None and path.is_file():
                 entry = read_json(path)
-                bar.update(n_batches)
+                bar.update(mine)
             else:
-                bar.set_postfix_str(f"eps={eps:.4f} {spec.key}")
-                entry = _attack_cell(clf, x, y, idx, spec, eps, params, batch_size, cell_seed(seed, eps, spec.key),
-                                     lambda: bar.update(1))
-                if path is not None:
+                if part_path is not None and part_path.is_file():
+                    own = read_json(part_path)
+                    bar.update(mine)
+                else:
+                    bar.set_postfix_str(f"eps={eps:.4f} {spec.key}")
+                    own = _attack_cell(clf, x, y, idx, spec, eps, params, batch_size, cell_seed(seed, eps, spec.key),
+                                       lambda: bar.update(1), part)
+                    if part_path is not None:
+                        write_json(part_path, own)
+                entry = combine_parts(all_gather(own))
+                if path is not None and part.writer and is_complete(entry):
                     write_json(path, entry)
+            cells[(eps, spec.key)] = entry
+    bar.close()
+    return {"n": len(x), "clean_pred": clean_pred.tolist(), "clean_correct": clean_ok.int().tolist(),
+            **assemble(clean_ok, eps_list, [s.key for s in specs], cells)}
+
+
+def assemble(clean_ok: torch.Tensor, eps_list: list[float], keys: list[str],
+             cells: dict[tuple[float, str], dict[str, Any]]) -> dict[str, Any]:
+    """Per ε: every attack's cell, the per-sample worst case (robust = clean-correct and survives every valid
+    attack) and the attacks rejected for leaving the threat model."""
+    per_eps = []
+    for eps in eps_list:
+        worst = clean_ok.clone()
+        attacks_out = {key: cells[(eps, key)] for key in keys}
+        for entry in attacks_out.values():
             if entry["valid"]:
                 worst &= robust_mask(entry)
-            attacks_out[spec.key] = entry
         per_eps.append({
             "eps": eps, "clean_acc": round(100 * clean_ok.float().mean().item(), 2),
             "attacks": attacks_out,
             "worst_case_acc": round(100 * worst.float().mean().item(), 2) if attacks_out else None,
             "worst_case_robust": worst.int().tolist(),
         })
-    bar.close()
     rejected = [f"{k} at eps={r['eps']:.4f}" for r in per_eps for k, a in r["attacks"].items() if not a["valid"]]
-    return {"n": len(x), "clean_pred": clean_pred.tolist(), "clean_correct": clean_ok.int().tolist(),
-            "per_eps": per_eps, "rejected_attacks": rejected}
+    return {"per_eps": per_eps, "rejected_attacks": rejected}
+
+
+def is_complete(entry: dict[str, Any]) -> bool:
+    return len(entry["batches"]) == entry["n_batches"]
+
+
+def combine_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One cell from the parts that ran its batches: counts summed, per-sample outcomes joined; ``seconds`` is
+    the sum (device-seconds, comparable to a single run's) and ``part_seconds_max`` the slowest part."""
+    done = [p for p in parts if is_complete(p)]
+    if done:  # a part that found the whole cell in the cache already holds everything
+        return done[0]
+    batches = sorted(b for p in parts for b in p["batches"])
+    if len(batches) != len(set(batches)) or len({p["n_batches"] for p in parts}) != 1:
+        raise ValueError("the parts of a cell overlap or disagree on its batches; were they run with different "
+                         "settings?")
+    first = parts[0]
+    viol = {k: sum(p["violations"][k] for p in parts) for k in ("n_nonfinite", "n_out_of_box", "n_out_of_ball")}
+    viol["max_linf"] = max(p["violations"]["max_linf"] for p in parts)
+    n_attacked = first["n_attacked"]
+    n_bad = sum(p["n_zero_or_nonfinite_grad"] for p in parts)
+    out = {**first, "valid": all(p["valid"] for p in parts), "violations": viol,
+           "seconds": round(sum(p["seconds"] for p in parts), 2),
+           "part_seconds_max": max(p.get("part_seconds_max", p["seconds"]) for p in parts),
+           "n_zero_or_nonfinite_grad": n_bad, "zero_or_nonfinite_grad_frac": round(n_bad / max(n_attacked, 1), 4),
+           "surrogate_fooled_decision_right": sum(p["surrogate_fooled_decision_right"] for p in parts),
+           "batches": batches}
+    out.pop("robust", None)
+    out.pop("robust_acc", None)
+    if out["valid"]:
+        robust = torch.zeros(len(first["robust"]), dtype=torch.bool)
+        for p in parts:
+            robust |= torch.tensor(p["robust"], dtype=torch.bool)
+        out["robust_acc"] = round(100 * robust.float().mean().item(), 2)
+        out["robust"] = robust.int().tolist()
+    return out
 
 
 def robust_mask(entry: dict[str, Any]) -> torch.Tensor | None:
@@ -162,18 +244,23 @@ def robust_mask(entry: dict[str, Any]) -> torch.Tensor | None:
 
 
 def _attack_cell(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, spec: AttackSpec,
-                 eps: float, params: dict[str, Any], batch_size: int, seed: int, tick: Any) -> dict[str, Any]:
-    """One attack at one ε on the points ``idx``: validity, per-sample robustness, zero-gradient count, time."""
+                 eps: float, params: dict[str, Any], batch_size: int, seed: int, tick: Any,
+                 part: Partition = SINGLE) -> dict[str, Any]:
+    """One attack at one ε on the points ``idx`` (the global batches ``part`` owns): validity, per-sample
+    robustness, zero-gradient count, time."""
     dev = clf.device
     robust = torch.zeros(len(x), dtype=torch.bool)
     n_bad_grad = n_surrogate_only = 0
     violations = {"n_nonfinite": 0, "n_out_of_box": 0, "n_out_of_ball": 0, "max_linf": 0.0}
-    torch.manual_seed(seed)  # attacks with random starts draw from the global generator
+    seed_batch(seed)
     t0 = time.perf_counter()
     attack = spec.build(clf, eps, **params)
-    for i in range(0, len(idx), batch_size):
-        sel = idx[i:i + batch_size]
+    n_batches = (len(idx) + batch_size - 1) // batch_size
+    batches = [b for b in range(n_batches) if part.owns(b)]
+    for b in batches:
+        sel = idx[b * batch_size:(b + 1) * batch_size]
         xb, yb = x[sel].to(dev), y[sel].to(dev)
+        seed_batch(batch_seed(seed, b))  # attacks with random starts draw from the global generators
         x_adv = attack(xb, yb).detach()
         rep = check_adversarial(xb, x_adv, eps)
         for key in ("n_nonfinite", "n_out_of_box", "n_out_of_ball"):
@@ -190,9 +277,10 @@ def _attack_cell(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, idx: to
         "toolkit": spec.toolkit, "params": params, "valid": valid, "violations": violations,
         "seconds": round(time.perf_counter() - t0, 2), "n_attacked": len(idx),
         # over the attacked (clean-correct) points
-        "zero_or_nonfinite_grad_frac": round(n_bad_grad / max(len(idx), 1), 4),
+        "n_zero_or_nonfinite_grad": n_bad_grad, "zero_or_nonfinite_grad_frac": round(n_bad_grad / max(len(idx), 1), 4),
         # adversarial examples that fool the surrogate logits but not the decision (k-NN vote)
         "surrogate_fooled_decision_right": n_surrogate_only,
+        "batches": batches, "n_batches": n_batches,
     }
     if valid:
         entry["robust_acc"] = round(100 * robust.float().mean().item(), 2)

@@ -18,7 +18,8 @@ from .attacks.transfer import trained_sources, transfer_sources
 from .classifier import build_classifier
 from .config import ExperimentConfig, UsageError
 from .data import DATASET_LABEL, load_cifar10
-from .evaluate import run_attacks, versions
+from .distributed import current
+from .evaluate import predict_split, run_attacks, versions
 from .store import model_dir, write_json, write_text
 from .train import resolve_device, train_model
 
@@ -81,17 +82,22 @@ def evaluate_classifier(clf: torch.nn.Module, data: Any, specs: list[AttackSpec]
     n_test = min(n_test, len(data.test))
     n_clean = min(n_clean or len(data.test), len(data.test))
     clean_x = data.test.head(n_clean)
-    clean_pred = torch.cat([clf.predict(clean_x.floats()[i:i + 2000]).cpu() for i in range(0, n_clean, 2000)])
+    clean_pred = predict_split(clf, clean_x.floats())  # split over the ranks like the attacks
     clean_acc = 100 * (clean_pred == clean_x.y).float().mean().item()
     sub = data.test.head(n_test)
     attacked = run_attacks(clf, sub.floats(), sub.y, specs, eps_list, overrides=overrides, batch_size=batch_size,
-                           progress=progress, seed=seed, cell_dir=cell_dir)
+                           progress=progress, seed=seed, cell_dir=cell_dir,
+                           clean_pred=clean_pred[:n_test] if n_clean >= n_test else None)
+    part = current()
     return {
         "model": name, "config_hash": weights_hash(clf), "dataset": dataset_name, "dataset_sha256": data.sha256,
         "n_clean": n_clean, "clean_acc_full": round(clean_acc, 2), "n_test": n_test, "seed": seed,
-        "surrogate": getattr(clf, "surrogate_name", "logits"), "aligned": bool(getattr(clf, "aligned", False)),
-        "device": str(clf.device), "versions": versions(), "attacks": [s.key for s in specs], "eps": eps_list,
-        **attacked, "wall_seconds": round(time.perf_counter() - t_start, 1),
+        "batch_size": batch_size, "surrogate": getattr(clf, "surrogate_name", "logits"),
+        "aligned": bool(getattr(clf, "aligned", False)), "device": str(clf.device), "versions": versions(),
+        "attacks": [s.key for s in specs], "eps": eps_list, **attacked,
+        "processes": part.world if part.group else 1,
+        **({"shard": {"index": part.rank, "count": part.world}} if part.shard else {}),
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
 
 
@@ -148,6 +154,12 @@ def save_results(result: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     tag = "-aligned" if result.get("aligned") else ""
     stem = out / f"evaluate-{result['model']}-{result['config_hash']}-{result['surrogate']}{tag}"
+    if "shard" in result:  # raw material for `merge`: no table or card of a part
+        path = Path(f"{stem}.part-{result['shard']['index']}-of-{result['shard']['count']}.json")
+        write_json(path, result)
+        return path
+    if not current().writer:  # rank 0 writes what every rank holds
+        return stem.with_suffix(".json")
     write_json(stem.with_suffix(".json"), result)
     write_text(stem.with_suffix(".csv"), summary_frame(result).to_csv(index=False))
     cards = [model_card(result["model"], result["dataset"], r["eps"], r["clean_acc"], r["worst_case_acc"],

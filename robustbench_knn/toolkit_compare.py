@@ -23,6 +23,7 @@ from .experiment import DATASET_NAME, _eps_label, cell_dir
 from .classifier import build_classifier
 from .config import STANDARD_SUITE, ExperimentConfig, UsageError
 from .data import load_cifar10
+from .distributed import current
 from .evaluate import robust_mask, run_attacks, versions
 from .store import read_json, write_json, write_text
 from .train import resolve_device, train_model
@@ -199,6 +200,8 @@ def rerender(out_dir: str | os.PathLike, names: tuple[str, ...] | list[str] = ST
 
 def save_compare(result: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
+    if not current().writer:  # rank 0 writes what every rank holds
+        return out / "toolkits.md"
     write_json(out / "toolkits.json", result)
     write_text(out / "toolkits.csv", compare_frame(result).to_csv(index=False))
     write_text(out / "toolkits.md", render_compare(result))

@@ -109,6 +109,7 @@ class TrainedModel:
     val_split: Split | None
     log: dict[str, Any]
     path: Path
+    from_cache: bool = False  # loaded as finished, not trained (or resumed) by this call
 
 
 def _init_net(cfg: ExperimentConfig, fit: Split, device: torch.device) -> IdResNet:
@@ -127,16 +128,26 @@ def train_model(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> TrainedModel:
-    """Load the cached model for ``cfg``, or train it (resuming from the last finished epoch)."""
+    """Load the cached model for ``cfg``, or train it (resuming from the last finished epoch). Processes that
+    want the same model (torchrun ranks, shards on a shared disk) take turns on a file lock: the first trains,
+    the others load what it wrote."""
+    from filelock import FileLock
+
     cfg.validate()
-    dev = resolve_device(device)
-    fit, val = fit_split(data, cfg)
     path = model_dir(cfg, cache_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.parent / f".{cfg.name}-{cfg.config_hash()}.lock")):
+        return _load_or_train(cfg, data, resolve_device(device), model_dir(cfg, cache_dir), progress)
+
+
+def _load_or_train(cfg: ExperimentConfig, data: CIFAR10, dev: torch.device, path: Path,
+                   progress: bool) -> TrainedModel:
+    fit, val = fit_split(data, cfg)
     final = path / "weights.safetensors"
     net = _init_net(cfg, fit, dev)
     if final.is_file() and (path / "train_log.json").is_file():  # both, or it is retrained
         net.load_state_dict(load_tensors(final, dev))
-        return TrainedModel(cfg, net, fit, val, read_json(path / "train_log.json"), path)
+        return TrainedModel(cfg, net, fit, val, read_json(path / "train_log.json"), path, from_cache=True)
 
     t = cfg.train
     log: dict[str, Any] = {"config": cfg.to_dict(), "config_hash": cfg.config_hash(), "dataset_sha256": data.sha256,

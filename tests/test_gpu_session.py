@@ -23,7 +23,7 @@ def session():
 
 
 @pytest.mark.parametrize("tiny", [False, True])
-@pytest.mark.parametrize("which", ["regenerate", "followup"])
+@pytest.mark.parametrize("which", ["regenerate", "followup", "scale"])
 def test_every_planned_command_parses(session, tiny, which):
     search, lanes = session.PLANS[which](tiny)
     steps = [search] + [argv for lane in lanes.values() for _, argv in lane]
@@ -33,7 +33,13 @@ def test_every_planned_command_parses(session, tiny, which):
         if getattr(args, "attacks", None) and args.command in ("evaluate", "table"):
             parse_attack_list(args.attacks)
     names = [name for lane in lanes.values() for name, _ in lane]
-    assert len(names) == len(set(names)) and "toolkits" in names
+    assert len(names) == len(set(names))
+    if which == "scale":  # the whole test set, the standard and adaptive suites
+        (argv,) = [argv for lane in lanes.values() for _, argv in lane]
+        args = parser.parse_args(argv)
+        assert args.n_test == (20 if tiny else 10_000) and "aa:autoattack" in args.attacks
+        return
+    assert "toolkits" in names
     if which == "regenerate":
         assert {"table1", "table2", "untrained"} <= set(names)
         # FULL is trained by lane A's first step; lane B reaches FULL only at Table 2's last row

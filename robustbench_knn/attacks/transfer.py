@@ -77,14 +77,13 @@ def source_config(target: ExperimentConfig, name: str, seed: int | None) -> Expe
 def trained_sources(data: Any, *, target_cfg: ExperimentConfig | None = None, cache_dir: str | None = None,
                     device: str | torch.device = "auto", progress: bool = False) -> SourceProvider:
     """A provider that trains (or loads from the cache) the source on ``data`` with :func:`source_config`,
-    relative to ``target_cfg`` (default: the target classifier's own ``cfg``; logit models have none)."""
+    relative to ``target_cfg`` (default: the target classifier's own ``cfg``; for a defense without one, a
+    user's or a logit model, FULL's: the source is then Table 2's row A at the paper's size)."""
     from ..classifier import build_classifier
     from ..train import train_model
 
     def provide(name: str, seed: int | None, target: torch.nn.Module) -> torch.nn.Module:
-        base = target_cfg or getattr(target, "cfg", None)
-        if base is None:
-            raise UsageError("attack transfer needs the target's config: pass target_cfg to trained_sources")
+        base = target_cfg or getattr(target, "cfg", None) or get_model_config("full")
         cfg = source_config(base, name, seed)
         return build_classifier(train_model(cfg, data, device=device, cache_dir=cache_dir, progress=progress))
 
