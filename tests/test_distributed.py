@@ -90,6 +90,26 @@ def test_torchrun_two_ranks_equal_one_process(single, trained_cache, tiny_data_d
     assert len(list((tmp_path / "out").iterdir())) == 3  # rank 0 alone wrote the JSON, CSV and model card
 
 
+def test_toolkits_and_audit_under_torchrun_equal_one_process(trained_cache, tiny_data_dir, tmp_path):
+    common = ["--data-dir", str(tiny_data_dir), "--device", "cpu", "--quiet", "--n-test", "40", "--batch-size", "8",
+              *[a for s in TINY_SETS for a in ("--set", s)]]
+    runs = {}
+    for ranks in (0, 2):
+        out = tmp_path / f"r{ranks}"
+        cache = _fresh(trained_cache, tmp_path, f"c{ranks}")
+        _cli(["toolkits", *common, "--attacks", "kfgsm,pgd", "--surrogates", "potential", "--eps", "2/255",
+              "--out", str(out / "tk")], cache, ranks=ranks)
+        _cli(["audit", *common, "--quick", "--eps", "2/255", "--out", str(out / "au")], cache, ranks=ranks)
+        (audit,) = (out / "au").glob("audit-*-eps2.json")
+        runs[ranks] = (json.loads((out / "tk" / "toolkits.json").read_text()), json.loads(audit.read_text()))
+    (tk1, au1), (tk2, au2) = runs[0], runs[2]
+    assert [(c["key"], c["robust"]) for c in tk2["cells"]] == [(c["key"], c["robust"]) for c in tk1["cells"]]
+    assert 0 < sum(tk1["cells"][0]["robust"]) < len(tk1["cells"][0]["robust"])  # mixed outcomes
+    assert au2["verdict"] == au1["verdict"] and au2["checks"] == au1["checks"]
+    for key in ("robust_acc", "worst_case_robust", "first_breaker", "eps_curves"):
+        assert au2[key] == au1[key], key
+
+
 def test_shards_and_merge_equal_one_process(single, trained_cache, tiny_data_dir, tmp_path):
     cache = _fresh(trained_cache, tmp_path, "c")
     for i in range(2):
