@@ -32,6 +32,17 @@ def load_package_at(rev: str, dest: Path, name: str = "rbk_ref"):
     return importlib.import_module(name)
 
 
+def import_either(*names: str):
+    """The first of ``names`` that imports: a commit's layout is layered (``defenses/knn.py``) or, before it was,
+    flat (``knn.py``)."""
+    for name in names[:-1]:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError:
+            pass
+    return importlib.import_module(names[-1])
+
+
 def timed(fn, repeats: int = 1) -> tuple[float, object]:
     out = fn()
     t0 = time.perf_counter()
@@ -49,13 +60,13 @@ def main() -> None:
     ap.add_argument("--attack-batch", type=int, default=250)
     args = ap.parse_args()
 
-    import robustbench_knn.knn as new_knn
-    import robustbench_knn.losses as new_losses
+    import robustbench_knn.defenses.knn as new_knn
+    import robustbench_knn.paper.losses as new_losses
 
     with tempfile.TemporaryDirectory() as tmp:
         load_package_at(args.rev, Path(tmp))
-        old_knn = importlib.import_module("rbk_ref.knn")
-        old_losses = importlib.import_module("rbk_ref.losses")
+        old_knn = import_either("rbk_ref.defenses.knn", "rbk_ref.knn")
+        old_losses = import_either("rbk_ref.paper.losses", "rbk_ref.losses")
         g = torch.Generator().manual_seed(0)
         emb = torch.randn(args.n_test, 30, generator=g) * 3
         bank = torch.randn(args.n_bank, 30, generator=g) * 3

@@ -54,7 +54,7 @@ def _alarm(signum, frame):  # noqa: ANN001
 
 def recipe_sets(search_out: Path, epochs: int) -> list[str]:
     """The best validation variant's settings as ``--set`` arguments (the search's choice, applied)."""
-    from robustbench_knn.search import best_variant
+    from robustbench_knn.paper.search import best_variant
 
     best = best_variant(search_out, epochs)
     sets = []
@@ -125,7 +125,7 @@ def followup_plan(tiny: bool) -> tuple[list[str], dict[str, list[tuple[str, list
         "C": [],
     }
     for subject in ("raw_pixel_knn", "deep_knn_a"):
-        model = ["--model", f"robustbench_knn.subjects:{subject}"]
+        model = ["--model", f"robustbench_knn.defenses.subjects:{subject}"]
         lanes["C"] += [
             (f"evaluate-{subject}", ["evaluate", *model, *q, *n500, "--eps", "8/255,16/255", "--attacks",
                                      subject_attacks, "--surrogate", "softknn", "--out", "tables/subjects"]),

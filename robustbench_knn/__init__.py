@@ -1,9 +1,9 @@
 """robustbench-knn: robustness benchmarking for k-NN classifiers on learned embeddings."""
 
 from .config import ExperimentConfig, LossConfig, ModelConfig, TrainConfig, UsageError, get_model_config
-from .defense import KNNDefense
-from .knn import knn_predict
-from .losses import attack_loss, exp_contrastive_loss
+from .defenses.defense import KNNDefense
+from .defenses.knn import knn_predict
+from .paper.losses import attack_loss, exp_contrastive_loss
 
 __all__ = ["benchmark", "BenchmarkResult", "KNNDefense", "ExperimentConfig", "ModelConfig", "LossConfig",
            "TrainConfig", "UsageError", "get_model_config", "knn_predict", "attack_loss", "exp_contrastive_loss"]
@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):  # noqa: ANN202 - lazy: the API pulls in the toolkits, `import robustbench_knn` stays light
     if name in ("benchmark", "BenchmarkResult"):
-        from . import api
+        from .evaluation import api
 
         return getattr(api, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,7 @@ from fractions import Fraction
 from typing import Any, Sequence
 
 from .config import STANDARD_SUITE, ExperimentConfig, UsageError, apply_overrides, get_model_config, parse_value
-from .loading import is_config_name
+from .defenses.loading import is_config_name
 
 
 class _Parser(argparse.ArgumentParser):
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .data import load_cifar10
-    from .train import train_model
+    from .paper.train import train_model
 
     cfg = _model_config(args)
     trained = train_model(cfg, load_cifar10(args.data_dir), device=args.device, cache_dir=args.cache_dir,
@@ -219,7 +219,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .attacks import parse_attack_list
-    from .surrogate import SURROGATES
+    from .defenses.surrogate import SURROGATES
 
     specs = parse_attack_list(args.attacks)
     eps = parse_eps(args.eps)
@@ -229,7 +229,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.n_test < 1 or (args.n_clean is not None and args.n_clean < 1) or args.batch_size < 1:
         raise UsageError("--n-test, --n-clean and --batch-size must be >= 1")
     if args.shard is not None:
-        from . import distributed
+        from .evaluation import distributed
 
         if distributed.current().group:
             raise UsageError("--shard splits a job without a process group; under torchrun the ranks split it")
@@ -242,7 +242,7 @@ def _run_evaluate(args: argparse.Namespace, specs: list[Any], eps: list[float],
                   overrides: dict[str, dict[str, Any]]) -> None:
     from tabulate import tabulate
 
-    from .experiment import benchmark_config, save_results, summary_frame
+    from .evaluation.experiment import benchmark_config, save_results, summary_frame
 
     if is_config_name(args.model):
         cfg = _model_config(args)
@@ -268,12 +268,12 @@ def _run_evaluate(args: argparse.Namespace, specs: list[Any], eps: list[float],
 def _evaluate_loaded(args: argparse.Namespace, specs: list[Any], eps: list[float],
                      overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """``evaluate`` on a ``MODULE:FUNCTION`` or exported model: the same evaluator, known only by its interface."""
-    from .api import require_knn
     from .attacks.transfer import trained_sources, transfer_sources
     from .data import load_cifar10
-    from .experiment import defense_cells, evaluate_classifier
-    from .loading import resolve_model
-    from .train import resolve_device
+    from .defenses.loading import resolve_model
+    from .evaluation.api import require_knn
+    from .evaluation.experiment import defense_cells, evaluate_classifier
+    from .paper.train import resolve_device
 
     for flag in ("epochs", "n_train", "set"):
         if getattr(args, flag):
@@ -292,10 +292,10 @@ def _evaluate_loaded(args: argparse.Namespace, specs: list[Any], eps: list[float
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .classifier import build_classifier
     from .data import load_cifar10
-    from .loading import export_model
-    from .train import train_model
+    from .defenses.loading import export_model
+    from .paper.classifier import build_classifier
+    from .paper.train import train_model
 
     if not is_config_name(args.model):
         raise UsageError("export takes a model of this project (full, a, ...), not a module or a file")
@@ -310,8 +310,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_toolkits(args: argparse.Namespace) -> None:
-    from .surrogate import SURROGATES
-    from .toolkit_compare import render_compare, rerender, run_compare, suite_specs
+    from .defenses.surrogate import SURROGATES
+    from .evaluation.toolkit_compare import render_compare, rerender, run_compare, suite_specs
 
     names = [n.strip() for n in args.attacks.split(",") if n.strip()]
     suite_specs(names)  # validates the names before any work
@@ -331,11 +331,11 @@ def cmd_toolkits(args: argparse.Namespace) -> None:
                              progress=not args.quiet)
     else:
         from .data import load_cifar10
-        from .defense import KNNDefense
-        from .experiment import weights_hash
-        from .loading import resolve_model
-        from .toolkit_compare import compare_classifiers
-        from .train import resolve_device
+        from .defenses.defense import KNNDefense
+        from .defenses.loading import resolve_model
+        from .evaluation.experiment import weights_hash
+        from .evaluation.toolkit_compare import compare_classifiers
+        from .paper.train import resolve_device
 
         eps = parse_eps(args.eps)
         clf, _, name = resolve_model(args.model, device=resolve_device(args.device))
@@ -366,7 +366,7 @@ def cmd_attacks(args: argparse.Namespace) -> None:
 
 def cmd_search(args: argparse.Namespace) -> None:
     from .data import load_cifar10
-    from .search import DEFAULT_ORDER, parse_variant, run_search
+    from .paper.search import DEFAULT_ORDER, parse_variant, run_search
 
     names = list(DEFAULT_ORDER) if args.variants == "default" else [v.strip() for v in args.variants.split(",")]
     for n in names:
@@ -384,14 +384,14 @@ def cmd_gate(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     from .data import load_cifar10
-    from .gate import GateConfig, check_baseline, compare, planted, run_gate
+    from .evaluation.gate import GateConfig, check_baseline, compare, planted, run_gate
     from .store import read_json, write_json
 
     gcfg = GateConfig(seed=args.seed, model=args.model)
     model = None
     if not is_config_name(args.model):  # a ready defense in place of FULL's gate-sized training
-        from .loading import resolve_model
-        from .train import resolve_device
+        from .defenses.loading import resolve_model
+        from .paper.train import resolve_device
 
         if args.plant == "one-epoch-model":
             raise UsageError("--plant one-epoch-model retrains the model; --model here is already built")
@@ -445,7 +445,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 def cmd_table(args: argparse.Namespace) -> None:
     from .attacks import parse_attack_list
-    from .tables import render_table, run_table
+    from .reports.tables import render_table, run_table
 
     name = "table2" if args.ablation else "untrained" if args.untrained else "table1"
     if args.render_only:
@@ -466,15 +466,15 @@ def cmd_table(args: argparse.Namespace) -> None:
 def cmd_audit(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from .audit import attacks_frame, audit, audit_classifier, checks_frame
-    from .surrogate import SURROGATES
+    from .defenses.surrogate import SURROGATES
+    from .evaluation.audit import attacks_frame, audit, audit_classifier, checks_frame
 
     if args.figure3 and not is_config_name(args.model):
         raise UsageError("--figure3 trains a model of this project (full, ...), not a module or a file")
     if args.figure3:
         cfg = _model_config(args)
         from .data import load_cifar10
-        from .plots import figure3
+        from .reports.plots import figure3
 
         path = figure3(load_cifar10(args.data_dir), args.out, base=cfg, cache_dir=args.cache_dir, device=args.device,
                        progress=not args.quiet)
@@ -493,9 +493,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size, out_dir=args.out, progress=not args.quiet)
     else:
         from .data import load_cifar10
-        from .experiment import weights_hash
-        from .loading import resolve_model
-        from .train import resolve_device
+        from .defenses.loading import resolve_model
+        from .evaluation.experiment import weights_hash
+        from .paper.train import resolve_device
 
         clf, cfg, name = resolve_model(args.model, surrogate=args.surrogate, device=resolve_device(args.device))
         res = audit_classifier(clf, load_cifar10(args.data_dir), eps[0], name=name, config_hash=weights_hash(clf),
@@ -515,8 +515,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> None:
     from tabulate import tabulate
 
-    from .experiment import summary_frame
-    from .merge import merge_dir
+    from .evaluation.experiment import summary_frame
+    from .evaluation.merge import merge_dir
 
     for path, result in merge_dir(args.dir):
         print(f"{result['model']}: {result['processes']} parts merged; clean accuracy {result['clean_acc_full']:.2f}% "
@@ -526,7 +526,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .bench import run_bench
+    from .evaluation.bench import run_bench
 
     res = run_bench(get_model_config(args.model), device=args.device, repeats=args.repeats,
                     attack_steps=args.attack_steps)
@@ -543,7 +543,7 @@ DISTRIBUTED = ("evaluate", "audit", "toolkits")  # the commands torchrun can spl
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from . import distributed
+    from .evaluation import distributed
 
     where = ""
     try:

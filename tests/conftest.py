@@ -69,14 +69,14 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_trained(tiny_data, cache_dir):
-    from robustbench_knn.train import train_model
+    from robustbench_knn.paper.train import train_model
 
     return train_model(TINY_CFG, tiny_data, device="cpu", cache_dir=cache_dir, progress=False)
 
 
 @pytest.fixture(scope="session")
 def tiny_clf(tiny_trained):
-    from robustbench_knn.classifier import build_classifier
+    from robustbench_knn.paper.classifier import build_classifier
 
     return build_classifier(tiny_trained)
 
@@ -121,6 +121,6 @@ class Scaled(torch.nn.Module):
 
 @pytest.fixture(scope="session")
 def masked_clf(tiny_clf):
-    from robustbench_knn.classifier import KNNClassifier
+    from robustbench_knn.paper.classifier import KNNClassifier
 
     return KNNClassifier(Scaled(tiny_clf.net), tiny_clf.bank * 1e4, tiny_clf.bank_labels, tiny_clf.cfg)

@@ -5,9 +5,9 @@ import torch
 
 from robustbench_knn.attacks import REGISTRY, get_attack
 from robustbench_knn.attacks.transfer import transfer_sources
-from robustbench_knn.classifier import build_classifier
-from robustbench_knn.evaluate import bad_gradient_mask, check_adversarial, run_attacks
-from robustbench_knn.train import train_model
+from robustbench_knn.evaluation.evaluate import bad_gradient_mask, check_adversarial, run_attacks
+from robustbench_knn.paper.classifier import build_classifier
+from robustbench_knn.paper.train import train_model
 
 from .conftest import TINY_CFG
 

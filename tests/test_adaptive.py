@@ -8,10 +8,10 @@ from robustbench_knn.attacks import get_attack, parse_attack_list
 from robustbench_knn.attacks.adaptive import ADAPTIVE_SUITE
 from robustbench_knn.attacks.knn_tools import embed_batched, swap_gap, vote_state
 from robustbench_knn.attacks.transfer import source_config, trained_sources, transfer_sources
-from robustbench_knn.classifier import KNNClassifier
 from robustbench_knn.config import ModelConfig, UsageError
-from robustbench_knn.evaluate import check_adversarial, run_attacks
-from robustbench_knn.knn import knn_votes, vote_margin
+from robustbench_knn.defenses.knn import knn_votes, vote_margin
+from robustbench_knn.evaluation.evaluate import check_adversarial, run_attacks
+from robustbench_knn.paper.classifier import KNNClassifier
 
 from .conftest import TINY_CFG
 
@@ -133,8 +133,8 @@ def test_adaptive_group_and_parameters():
 
 
 def test_knn_only_attacks_refuse_logit_models(tiny_data):
-    from robustbench_knn.classifier import LogitClassifier
-    from robustbench_knn.model import IdResNet
+    from robustbench_knn.paper.classifier import LogitClassifier
+    from robustbench_knn.paper.model import IdResNet
 
     logit = LogitClassifier(IdResNet(ModelConfig(w_r=8, d=3, head="logits")))
     with pytest.raises(UsageError, match="k-NN"):

@@ -3,7 +3,7 @@ import torch
 
 from robustbench_knn.attacks import Attack, AttackSpec, get_attack, parse_attack_list
 from robustbench_knn.config import UsageError
-from robustbench_knn.evaluate import check_adversarial, run_attacks
+from robustbench_knn.evaluation.evaluate import check_adversarial, run_attacks
 
 
 def _test_batch(tiny_data, n=40):
@@ -88,7 +88,7 @@ def test_zero_gradient_is_counted(tiny_clf, tiny_data):
     """Points far from every bank point make e^{-λD} underflow: the paper's loss has zero gradient there."""
     x, y = _test_batch(tiny_data, 10)
 
-    from robustbench_knn.classifier import KNNClassifier
+    from robustbench_knn.paper.classifier import KNNClassifier
 
     from .conftest import Scaled
 
@@ -148,8 +148,8 @@ class _Noop(Attack):
 @pytest.fixture(scope="module")
 def image_norm_clf(tiny_data, cache_dir):
     """The tiny model under FULL's default recipe (per-image standardisation, regulariser ÷B²)."""
-    from robustbench_knn.classifier import build_classifier
-    from robustbench_knn.train import train_model
+    from robustbench_knn.paper.classifier import build_classifier
+    from robustbench_knn.paper.train import train_model
 
     from .conftest import TINY_CFG
 

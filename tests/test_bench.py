@@ -1,7 +1,7 @@
 """The speed bench runs end to end on tiny sizes and reports every figure (it prints numbers; no thresholds)."""
 
-from robustbench_knn.bench import run_bench
 from robustbench_knn.config import get_model_config
+from robustbench_knn.evaluation.bench import run_bench
 
 
 def test_bench_reports_knn_and_attack_pairs():

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from robustbench_knn import BenchmarkResult, KNNDefense, UsageError, benchmark
-from robustbench_knn.classifier import KNNClassifier
-from robustbench_knn.defense import aligned_logits
+from robustbench_knn.defenses.defense import aligned_logits
+from robustbench_knn.paper.classifier import KNNClassifier
 
 
 def _brute_vote(x, bank, labels, k, n_classes, rank_dist, tie_dist):
@@ -139,7 +139,7 @@ def test_benchmark_a_plain_logit_module(tiny_data_dir, tiny_trained):
 
 
 def test_raw_pixel_subject_chooses_k_on_validation(tiny_data_dir, tiny_data):
-    from robustbench_knn.subjects import K_CANDIDATES, raw_pixel_knn
+    from robustbench_knn.defenses.subjects import K_CANDIDATES, raw_pixel_knn
 
     d = raw_pixel_knn(str(tiny_data_dir), device="cpu", val_size=100)
     scores = d.k_choice["val_acc"]
@@ -153,7 +153,7 @@ def test_raw_pixel_subject_chooses_k_on_validation(tiny_data_dir, tiny_data):
 
 
 def test_deep_knn_subject_on_row_a_features(tiny_data_dir, tiny_data, cache_dir):
-    from robustbench_knn.subjects import deep_knn_a
+    from robustbench_knn.defenses.subjects import deep_knn_a
 
     sets = ["model.w_r=32", "model.d=3", "train.epochs=3", "train.batch_size=100"]
     d = deep_knn_a(str(tiny_data_dir), k=5, device="cpu", cache_dir=str(cache_dir), sets=sets)

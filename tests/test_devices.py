@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from robustbench_knn.attacks import get_attack
-from robustbench_knn.classifier import build_classifier
-from robustbench_knn.evaluate import check_adversarial, run_attacks
-from robustbench_knn.train import train_model
+from robustbench_knn.evaluation.evaluate import check_adversarial, run_attacks
+from robustbench_knn.paper.classifier import build_classifier
+from robustbench_knn.paper.train import train_model
 
 from .conftest import TINY_CFG
 

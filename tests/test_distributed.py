@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from robustbench_knn.config import UsageError
-from robustbench_knn.distributed import Partition, parse_shard
-from robustbench_knn.evaluate import combine_parts
+from robustbench_knn.evaluation.distributed import Partition, parse_shard
+from robustbench_knn.evaluation.evaluate import combine_parts
 
 from .conftest import REPO, TINY_SETS
 
@@ -217,7 +217,7 @@ def test_a_model_wanted_by_two_processes_is_trained_once(tiny_data_dir, tmp_path
     script = textwrap.dedent(f'''
         from robustbench_knn.config import apply_overrides, get_model_config
         from robustbench_knn.data import load_cifar10
-        from robustbench_knn.train import train_model
+        from robustbench_knn.paper.train import train_model
         cfg = apply_overrides(get_model_config("full"), {TINY_SETS!r})
         t = train_model(cfg, load_cifar10({str(tiny_data_dir)!r}, download=False), device="cpu", progress=False)
         print("loaded" if t.from_cache else "trained")

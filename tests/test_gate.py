@@ -5,7 +5,7 @@ import copy
 import pytest
 
 from robustbench_knn.cli import main
-from robustbench_knn.gate import GateConfig, compare, planted, run_gate
+from robustbench_knn.evaluation.gate import GateConfig, compare, planted, run_gate
 
 # the gate's machinery on tiny low-contrast data (no training noise, so the tiny k-NN learns something)
 TINY_GATE = GateConfig(n_train=400, epochs=30, batch_size=100, k=5, n_test=100, attacks=("kfgsm", "ta:apgd"),

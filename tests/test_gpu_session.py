@@ -9,7 +9,7 @@ import pytest
 from robustbench_knn.attacks import parse_attack_list
 from robustbench_knn.cli import build_parser
 from robustbench_knn.config import apply_overrides, get_model_config
-from robustbench_knn.search import parse_variant
+from robustbench_knn.paper.search import parse_variant
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.py"
 
@@ -51,7 +51,7 @@ def test_every_planned_command_parses(session, tiny, which):
 
 
 def test_toolkit_attack_list_is_valid(session):
-    from robustbench_knn.toolkit_compare import suite_specs
+    from robustbench_knn.evaluation.toolkit_compare import suite_specs
 
     assert [s.name for s in suite_specs(session.TOOLKIT_ATTACKS.split(","))][:1] == ["kfgsm"]
     assert len(parse_attack_list(session.EVALUATE_ATTACKS)) == len(session.EVALUATE_ATTACKS.split(","))

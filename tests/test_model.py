@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from robustbench_knn.config import MODELS, ModelConfig, get_model_config
-from robustbench_knn.model import IdRes, IdResNet
+from robustbench_knn.paper.model import IdRes, IdResNet
 
 
 def test_fresh_idres_layer_is_identity():

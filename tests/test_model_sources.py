@@ -6,11 +6,11 @@ import textwrap
 import pytest
 import torch
 
-from robustbench_knn.classifier import build_classifier
 from robustbench_knn.cli import main
-from robustbench_knn.loading import load_exported
-from robustbench_knn.tables import row_config
-from robustbench_knn.train import train_model
+from robustbench_knn.defenses.loading import load_exported
+from robustbench_knn.paper.classifier import build_classifier
+from robustbench_knn.paper.train import train_model
+from robustbench_knn.reports.tables import row_config
 
 from .conftest import REPO, TINY_SETS
 
@@ -141,8 +141,8 @@ def test_aligned_logits_leave_no_surrogate_only_successes(tmp_path, tiny_data_di
 
 
 def test_gate_takes_a_user_function(user_dir, tiny_data, tiny_data_dir, capsys):
-    from robustbench_knn.gate import GateConfig, compare, run_gate
-    from robustbench_knn.loading import resolve_model
+    from robustbench_knn.defenses.loading import resolve_model
+    from robustbench_knn.evaluation.gate import GateConfig, compare, run_gate
 
     # the committed baseline is FULL's: comparing a user's model with it is refused before any work
     assert main(["gate", "--model", "mydefense:make", "--data-dir", str(tiny_data_dir), "--baseline",

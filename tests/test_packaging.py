@@ -15,8 +15,8 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 import robustbench_knn
-from robustbench_knn import tables
 from robustbench_knn.cli import main
+from robustbench_knn.reports import tables
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "baselines" / "paper.json"  # the human-readable copy

@@ -3,10 +3,10 @@
 import torch
 
 from robustbench_knn.attacks import get_attack
-from robustbench_knn.classifier import build_classifier
 from robustbench_knn.data import load_cifar10
-from robustbench_knn.evaluate import run_attacks
-from robustbench_knn.train import train_model
+from robustbench_knn.evaluation.evaluate import run_attacks
+from robustbench_knn.paper.classifier import build_classifier
+from robustbench_knn.paper.train import train_model
 
 from .conftest import TINY_CFG
 

@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from robustbench_knn import search as search_mod
 from robustbench_knn.cli import main
 from robustbench_knn.config import UsageError
-from robustbench_knn.search import best_variant, parse_variant, run_search, variant_config
+from robustbench_knn.paper import search as search_mod
+from robustbench_knn.paper.search import best_variant, parse_variant, run_search, variant_config
 
 TINY = ["model.w_r=32", "model.d=3", "train.batch_size=100", "k=5"]
 

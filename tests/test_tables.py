@@ -7,9 +7,9 @@ import sys
 import pandas as pd
 import pytest
 
-from robustbench_knn import tables
 from robustbench_knn.cli import main
 from robustbench_knn.config import UsageError, get_model_config
+from robustbench_knn.reports import tables
 from robustbench_knn.store import write_json
 
 from .conftest import TINY_SETS

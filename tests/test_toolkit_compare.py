@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from robustbench_knn import toolkit_compare
 from robustbench_knn.attacks import get_attack
 from robustbench_knn.cli import main
-from robustbench_knn.evaluate import run_attacks
+from robustbench_knn.evaluation import toolkit_compare
+from robustbench_knn.evaluation.evaluate import run_attacks
 
 from .conftest import TINY_SETS
 
@@ -23,7 +23,7 @@ def test_cells_are_cached_and_reused(tiny_clf, tiny_data, tmp_path, monkeypatch)
     def boom(*a, **k):
         raise AssertionError("a cached cell was recomputed")
 
-    monkeypatch.setattr("robustbench_knn.evaluate._attack_cell", boom)
+    monkeypatch.setattr("robustbench_knn.evaluation.evaluate._attack_cell", boom)
     again = run_attacks(tiny_clf, sub.floats(), sub.y, specs, [8 / 255, 32 / 255], progress=False, cell_dir=tmp_path)
     assert again["per_eps"] == first["per_eps"]
     # other parameters are another cell: computed, not reused
@@ -69,7 +69,8 @@ def test_toolkit_table_end_to_end(tiny_data_dir, tmp_path, capsys, monkeypatch):
     assert "Strongest single attack" in md and "Worst case at ε=8/255" in md
     assert "| pgd" in capsys.readouterr().out
     # a second run reuses every cell: nothing is recomputed
-    monkeypatch.setattr("robustbench_knn.evaluate._attack_cell", lambda *a, **k: pytest.fail("cell recomputed"))
+    monkeypatch.setattr("robustbench_knn.evaluation.evaluate._attack_cell",
+                        lambda *a, **k: pytest.fail("cell recomputed"))
     assert main(args) == 0
     again = json.loads((out / "toolkits.json").read_text())
     assert [c["robust"] for c in again["cells"]] == [c["robust"] for c in res["cells"]]
@@ -84,7 +85,7 @@ def test_toolkits_bad_input(capsys):
 
 def test_cells_are_tied_to_the_weights(tiny_clf, tiny_data, tmp_path):
     """A model with the same config but other weights (a retrain elsewhere) never reuses a cached cell."""
-    from robustbench_knn.classifier import KNNClassifier
+    from robustbench_knn.paper.classifier import KNNClassifier
 
     sub = tiny_data.test.head(20)
     run_attacks(tiny_clf, sub.floats(), sub.y, [get_attack("kfgsm")], [8 / 255], progress=False, cell_dir=tmp_path)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from robustbench_knn import train as train_mod
+from robustbench_knn.paper import train as train_mod
+from robustbench_knn.paper.train import lr_factor, train_model
 from robustbench_knn.store import load_tensors
-from robustbench_knn.train import lr_factor, train_model
 
 from .conftest import TINY_CFG
 

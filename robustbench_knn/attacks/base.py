@@ -39,7 +39,7 @@ def check_param(key: str, param: str, value: Any, default: Any) -> None:
 
 
 class Attack:
-    """``attack(x, y) -> x_adv`` on images in [0, 1]; ``model`` is a classifier from ``classifier.py``.
+    """``attack(x, y) -> x_adv`` on images in [0, 1]; ``model`` is a classifier from ``paper/classifier.py``.
 
     ``gradient_source`` says which differentiable quantity guides it ("objective": the model's
     ``attack_objective``; "logits": CE on the model's (surrogate) logits; None: gradient-free), so the

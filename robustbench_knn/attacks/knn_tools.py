@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..knn import DEFAULT_CHUNK, knn_votes, vote_decision, vote_margin
-from ..losses import pairwise_distance, split_spaces
+from ..defenses.knn import DEFAULT_CHUNK, knn_votes, vote_decision, vote_margin
+from ..paper.losses import pairwise_distance, split_spaces
 from .base import project
 
 
@@ -70,7 +70,7 @@ def swap_gap(emb: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, y
 
 @torch.no_grad()
 def vote_state(clf: torch.nn.Module, emb: torch.Tensor, y: torch.Tensor, *, with_gap: bool = False) -> VoteState:
-    """The hard k-NN verdict on embeddings ``emb`` of a :class:`~robustbench_knn.classifier.KNNClassifier`."""
+    """The hard k-NN verdict on embeddings ``emb`` of a :class:`~robustbench_knn.paper.classifier.KNNClassifier`."""
     votes, dsum = knn_votes(emb, clf.bank, clf.bank_labels, k=clf.k, n_spaces=clf.n_spaces, n_classes=clf.n_classes)
     gap = (swap_gap(emb, clf.bank, clf.bank_labels, y, clf.k, clf.n_spaces) if with_gap
            else torch.zeros(len(emb), device=emb.device))
@@ -80,7 +80,7 @@ def vote_state(clf: torch.nn.Module, emb: torch.Tensor, y: torch.Tensor, *, with
 def set_distance(emb: torch.Tensor, points: torch.Tensor, n_spaces: int) -> torch.Tensor:
     """Distance from each row of ``emb`` (N, W) to each of its own points (N, M, W) → (N, M), differentiable.
 
-    The per-point counterpart of :func:`~robustbench_knn.losses.pairwise_distance` (sum over sub-spaces of L2);
+    The per-point counterpart of :func:`~robustbench_knn.paper.losses.pairwise_distance` (sum over sub-spaces of L2);
     the tiny constant keeps the gradient finite where a point coincides with the embedding.
     """
     n, m, w = points.shape

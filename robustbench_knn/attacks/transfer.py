@@ -21,7 +21,7 @@ from ..config import ExperimentConfig, UsageError, get_model_config
 from .apgd_core import apgd
 from .base import Attack, get_attack, input_gradient, register
 
-# (source model name, training seed or None, target classifier) -> a classifier from classifier.py
+# (source model name, training seed or None, target classifier) -> a classifier from paper/classifier.py
 SourceProvider = Callable[[str, "int | None", torch.nn.Module], torch.nn.Module]
 
 _PROVIDER: list[SourceProvider | None] = [None]
@@ -79,8 +79,8 @@ def trained_sources(data: Any, *, target_cfg: ExperimentConfig | None = None, ca
     """A provider that trains (or loads from the cache) the source on ``data`` with :func:`source_config`,
     relative to ``target_cfg`` (default: the target classifier's own ``cfg``; for a defense without one, a
     user's or a logit model, FULL's: the source is then Table 2's row A at the paper's size)."""
-    from ..classifier import build_classifier
-    from ..train import train_model
+    from ..paper.classifier import build_classifier
+    from ..paper.train import train_model
 
     def provide(name: str, seed: int | None, target: torch.nn.Module) -> torch.nn.Module:
         base = target_cfg or getattr(target, "cfg", None) or get_model_config("full")

@@ -1,6 +1,6 @@
 """Two defenses the paper's authors did not build, as ``KNNDefense``s: reference points beside the paper's model,
 and proof that the harness evaluates defenses it was not written for. Use them as
-``--model robustbench_knn.subjects:raw_pixel_knn`` or ``robustbench_knn.subjects:deep_knn_a``.
+``--model robustbench_knn.defenses.subjects:raw_pixel_knn`` or ``robustbench_knn.defenses.subjects:deep_knn_a``.
 
 - ``raw_pixel_knn``: the classic non-parametric baseline, k-NN on raw pixels (ℓ2); k chosen on a validation
   split (the last 5,000 training images scored against the first 45,000), then the bank is all 50,000.
@@ -53,7 +53,7 @@ def choose_k(emb_fit: torch.Tensor, y_fit: torch.Tensor, emb_val: torch.Tensor, 
 
 
 def _device(device: str) -> torch.device:
-    from .train import resolve_device
+    from ..paper.train import resolve_device
 
     return resolve_device(os.environ.get("ROBUSTBENCH_KNN_DEVICE", device))
 
@@ -61,7 +61,7 @@ def _device(device: str) -> torch.device:
 def raw_pixel_knn(data_dir: str | None = None, k: int | None = None, device: str = "auto",
                   val_size: int = 5000) -> KNNDefense:
     """k-NN on raw pixels; ``k`` None: chosen on the validation split (``defense.k_choice`` holds the scores)."""
-    from .data import load_cifar10
+    from ..data import load_cifar10
 
     data = load_cifar10(data_dir)
     dev = _device(device)
@@ -79,10 +79,10 @@ def deep_knn_a(data_dir: str | None = None, k: int = DEEP_KNN_K, device: str = "
                cache_dir: str | None = None, sets: Sequence[str] = ()) -> KNNDefense:
     """Deep k-NN on row A's penultimate features (row A, with ``--set``-style overrides, trained or loaded
     from the cache)."""
-    from .classifier import embed_images
-    from .config import apply_overrides, get_model_config
-    from .data import load_cifar10
-    from .train import train_model
+    from ..config import apply_overrides, get_model_config
+    from ..data import load_cifar10
+    from ..paper.classifier import embed_images
+    from ..paper.train import train_model
 
     data = load_cifar10(data_dir)
     dev = _device(device)

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import ExperimentConfig
-from .data import CIFAR10, Split, pixel_stats, to_float
+from ..config import ExperimentConfig
+from ..data import CIFAR10, Split, pixel_stats, to_float
+from ..store import (load_meta, load_tensors, model_dir, optimizer_tensors, read_json, restore_optimizer,
+                    save_tensors, write_json)
 from .losses import exp_contrastive_loss
 from .model import IdResNet
-from .store import (load_meta, load_tensors, model_dir, optimizer_tensors, read_json, restore_optimizer,
-                    save_tensors, write_json)
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -31,7 +31,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from .config import UsageError
+        from ..config import UsageError
 
         raise UsageError("--device cuda requested but CUDA is not available")
     return dev
@@ -60,7 +60,7 @@ def fit_split(data: CIFAR10, cfg: ExperimentConfig) -> tuple[Split, Split | None
     val = None
     if t.val_size:
         if t.val_size >= len(y):
-            from .config import UsageError
+            from ..config import UsageError
 
             raise UsageError(f"val_size={t.val_size} leaves no training data")
         val = Split(x[-t.val_size:], y[-t.val_size:])

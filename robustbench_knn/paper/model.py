@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .data import binomial_noise
+from ..config import ModelConfig
+from ..data import binomial_noise
 
 
 def _branch(in_dim: int, out_dim: int, depth: int, zero_last: bool) -> nn.Sequential:

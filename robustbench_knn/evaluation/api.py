@@ -17,15 +17,14 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import pandas as pd
-from torch import nn
 
-from .attacks import AttackSpec, parse_attack_list
-from .attacks.transfer import transfer_sources, trained_sources
-from .config import UsageError, get_model_config
-from .defense import BaseClassifier, KNNDefense, ModuleClassifier
+from ..attacks import AttackSpec, parse_attack_list
+from ..attacks.transfer import transfer_sources, trained_sources
+from ..config import UsageError, get_model_config
+from ..defenses.defense import BaseClassifier, KNNDefense, as_classifier
+from ..store import write_json
 from .evaluate import run_attacks, versions
 from .experiment import DATASET_NAME, _eps_label
-from .store import write_json
 
 # Attacks that read the k-NN bank (they need a KNNDefense); the others only need logits.
 NEEDS_BANK = {"native:feature", "native:softknn-apgd", "native:softknn-apgd-dlr", "native:vote-square"}
@@ -99,16 +98,6 @@ def model_card(name: str, dataset: str, eps: float, clean_acc: float, robust_acc
     }
 
 
-def as_classifier(model: Any) -> BaseClassifier:
-    """A defense as the evaluator sees it: a KNNDefense / BaseClassifier as is, any other ``nn.Module`` as a
-    logit classifier (decision = argmax)."""
-    if isinstance(model, BaseClassifier):
-        return model
-    if isinstance(model, nn.Module):
-        return ModuleClassifier(model)
-    raise UsageError(f"model must be a KNNDefense, an nn.Module classifier or a model name, not {type(model).__name__}")
-
-
 def require_knn(specs: Sequence[AttackSpec], clf: BaseClassifier) -> None:
     """The adaptive k-NN attacks read a bank: refuse them on a plain classifier before any work."""
     needs = [s.key for s in specs if s.key in NEEDS_BANK]
@@ -135,9 +124,9 @@ def benchmark(model: Any, *, n_examples: int = 1000, eps: float = 8 / 255, attac
     ``KNNDefense``, and ``transfer`` crafts on Table 2's row A at FULL's size (trained once, cached).
     ``out``: also save JSON, per-sample CSV and a RobustBench-style model card there.
     """
+    from ..data import load_cifar10
+    from ..paper.train import resolve_device, train_model
     from . import distributed
-    from .data import load_cifar10
-    from .train import resolve_device, train_model
 
     if n_examples < 1 or not 0 < eps < 1:
         raise UsageError("n_examples must be >= 1 and eps in (0, 1)")
@@ -148,7 +137,7 @@ def benchmark(model: Any, *, n_examples: int = 1000, eps: float = 8 / 255, attac
     data = load_cifar10(data_dir)
     target_cfg = get_model_config("full")
     if isinstance(model, str):
-        from .classifier import build_classifier
+        from ..paper.classifier import build_classifier
 
         target_cfg = get_model_config(model)
         clf: BaseClassifier = build_classifier(train_model(target_cfg, data, device=dev, cache_dir=cache_dir,

@@ -19,10 +19,10 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .attacks import STANDARD_SUITE, AttackSpec, get_attack, input_gradient, parse_attack_list
-from .attacks.adaptive import ADAPTIVE_SUITE
-from .attacks.transfer import transfer_sources, trained_sources
-from .config import ExperimentConfig, UsageError
+from ..attacks import STANDARD_SUITE, AttackSpec, get_attack, input_gradient, parse_attack_list
+from ..attacks.adaptive import ADAPTIVE_SUITE
+from ..attacks.transfer import transfer_sources, trained_sources
+from ..config import ExperimentConfig, UsageError
 from .distributed import current
 from .evaluate import robust_mask, run_attacks, versions
 
@@ -379,8 +379,8 @@ def audit_model_card(result: dict[str, Any]) -> dict[str, Any]:
 
 def save_audit(result: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     """``audit-<model>-<hash>-eps<N>.json`` + ``.csv`` (checks) + ``-attacks.csv`` + the two PNG plots."""
-    from .plots import plot_eps_curves, plot_steps_curves
-    from .store import write_json, write_text
+    from ..reports.plots import plot_eps_curves, plot_steps_curves
+    from ..store import write_json, write_text
 
     out = Path(out_dir)
     label = f"{result['eps'] * 255:g}".replace(".", "p")
@@ -402,10 +402,10 @@ def audit(cfg: ExperimentConfig, eps: float, *, n_test: int = 500, quick: bool =
           cache_dir: str | None = None, device: str = "auto", seed: int = 0, surrogate: str = "potential",
           batch_size: int = 250, out_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
     """Train or load ``cfg`` (as ``benchmark_config`` does) and audit it on the first ``n_test`` test images."""
-    from .classifier import build_classifier
-    from .data import load_cifar10
+    from ..data import load_cifar10
+    from ..paper.classifier import build_classifier
+    from ..paper.train import resolve_device, train_model
     from .experiment import cell_dir
-    from .train import resolve_device, train_model
 
     if n_test < 1:
         raise UsageError("--n-test must be >= 1")

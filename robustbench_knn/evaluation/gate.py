@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from .attacks import get_attack
-from .classifier import build_classifier
-from .config import ExperimentConfig, UsageError, get_model_config
-from .data import CIFAR10
+from ..attacks import get_attack
+from ..config import ExperimentConfig, UsageError, get_model_config
+from ..data import CIFAR10
+from ..paper.classifier import build_classifier
+from ..paper.train import resolve_device, train_model
 from .evaluate import run_attacks, versions
-from .train import resolve_device, train_model
 
 
 @dataclass(frozen=True)

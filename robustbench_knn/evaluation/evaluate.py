@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .attacks import AttackSpec, input_gradient
+from ..attacks import AttackSpec, input_gradient
+from ..store import read_json, write_json
 from .distributed import SINGLE, Partition, all_gather, current, seed_batch
-from .store import read_json, write_json
 
 TOL = 1e-6  # float32 slack on the ε-ball and [0, 1] checks
 

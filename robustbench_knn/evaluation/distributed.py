@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .config import UsageError
+from ..config import UsageError
 
 # a rank that waits for another (a model being trained elsewhere is waited for on a file lock, not here)
 GROUP_TIMEOUT = datetime.timedelta(hours=2)

@@ -18,15 +18,15 @@ import torch
 from tabulate import tabulate
 from tqdm.auto import tqdm
 
-from .attacks import REGISTRY, AttackSpec
-from .experiment import DATASET_NAME, _eps_label, cell_dir
-from .classifier import build_classifier
-from .config import STANDARD_SUITE, ExperimentConfig, UsageError
-from .data import load_cifar10
+from ..attacks import REGISTRY, AttackSpec
+from ..config import STANDARD_SUITE, ExperimentConfig, UsageError
+from ..data import load_cifar10
+from ..paper.classifier import build_classifier
+from ..paper.train import resolve_device, train_model
+from ..store import read_json, write_json, write_text
 from .distributed import current
 from .evaluate import robust_mask, run_attacks, versions
-from .store import read_json, write_json, write_text
-from .train import resolve_device, train_model
+from .experiment import DATASET_NAME, _eps_label, cell_dir
 
 PAPER = {8: 45.48, 16: 35.69}  # the paper's Table 1 robust accuracy of FULL at ε = 8/255, 16/255
 

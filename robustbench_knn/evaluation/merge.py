@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from .config import UsageError
+from ..config import UsageError
+from ..store import read_json
 from .evaluate import assemble, combine_parts, is_complete
-from .store import read_json
 
 PART = re.compile(r"^(?P<stem>.+)\.part-(?P<i>\d+)-of-(?P<n>\d+)\.json$")
 # what must agree between parts: they are one evaluation only if these are equal (clean_pred catches a model or

@@ -2,7 +2,7 @@
 
 A defense is an ``nn.Module`` on [0, 1] images: ``predict(x)`` is the hard k-NN vote (the decision whose
 accuracy is reported), ``forward(x)`` differentiable surrogate logits that only guide attacks, ``embed(x)`` the
-embedding the vote compares. The paper's IdResNet + k-NN (``classifier.KNNClassifier``) is one of them.
+embedding the vote compares. The paper's IdResNet + k-NN (``paper.classifier.KNNClassifier``) is one of them.
 """
 
 from __future__ import annotations
@@ -10,15 +10,16 @@ from __future__ import annotations
 import copy
 import itertools
 import re
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import UsageError
-from .data import to_float
+from ..config import UsageError
+from ..data import to_float
+from ..paper.losses import attack_loss
 from .knn import knn_votes, vote_decision
-from .losses import attack_loss
 from .surrogate import make_surrogate
 
 
@@ -197,3 +198,13 @@ class ModuleClassifier(BaseClassifier):
 
     def attack_objective(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.net(x), y, reduction="none")
+
+
+def as_classifier(model: Any) -> BaseClassifier:
+    """A defense as the evaluator sees it: a KNNDefense / BaseClassifier as is, any other ``nn.Module`` as a
+    logit classifier (decision = argmax)."""
+    if isinstance(model, BaseClassifier):
+        return model
+    if isinstance(model, nn.Module):
+        return ModuleClassifier(model)
+    raise UsageError(f"model must be a KNNDefense, an nn.Module classifier or a model name, not {type(model).__name__}")

@@ -18,9 +18,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from .config import ExperimentConfig, get_model_config  # noqa: E402
-from .data import CLASSES, Split  # noqa: E402
-from .losses import split_spaces  # noqa: E402
+from ..config import ExperimentConfig, get_model_config  # noqa: E402
+from ..data import CLASSES, Split  # noqa: E402
+from ..paper.losses import split_spaces  # noqa: E402
 
 
 def _save(fig: Any, path: str | os.PathLike) -> Path:
@@ -73,7 +73,7 @@ def figure3_points(net: torch.nn.Module, n_spaces: int, train: Split, test: Spli
                    max_train: int | None = None) -> dict[str, Any]:
     """Embeddings of train and test images split into sub-spaces: {"train"/"test": {"points": (len(spaces), N, d),
     "labels": (N,)}}; ``max_train`` keeps the first N training images (the scatter needs no more)."""
-    from .classifier import embed_images
+    from ..paper.classifier import embed_images
 
     out: dict[str, Any] = {}
     for name, split in (("train", train if max_train is None else train.head(max_train)), ("test", test)):
@@ -106,7 +106,7 @@ def figure3(data: Any, out_dir: str | os.PathLike, *, base: ExperimentConfig | N
             cache_dir: str | None = None, device: str = "auto", progress: bool = True,
             max_train: int | None = None) -> Path:
     """Train (or load) the Figure 3 model and write ``figure3-<hash>.png`` into ``out_dir``."""
-    from .train import train_model
+    from ..paper.train import train_model
 
     cfg = figure3_config(base)
     trained = train_model(cfg, data, device=device, cache_dir=cache_dir, progress=progress)

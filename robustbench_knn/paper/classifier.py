@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import ExperimentConfig
-from .data import to_float
-from .defense import BaseClassifier, KNNDefense, ModuleClassifier
+from ..config import ExperimentConfig
+from ..data import to_float
+from ..defenses.defense import BaseClassifier, KNNDefense, ModuleClassifier
+from ..store import load_tensors, save_tensors
 from .model import IdResNet
-from .store import load_tensors, save_tensors
 from .train import TrainedModel
 
 __all__ = ["BaseClassifier", "KNNClassifier", "LogitClassifier", "build_classifier", "embed_images"]

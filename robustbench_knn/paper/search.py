@@ -18,12 +18,12 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 
-from .classifier import build_classifier
-from .config import (NORMALIZATIONS, REG_REDUCTIONS, ExperimentConfig, UsageError, apply_overrides,
+from ..config import (NORMALIZATIONS, REG_REDUCTIONS, ExperimentConfig, UsageError, apply_overrides,
                      get_model_config)
-from .data import CIFAR10
+from ..data import CIFAR10
+from ..store import read_json, write_json, write_text
+from .classifier import build_classifier
 from .losses import pairwise_distance
-from .store import read_json, write_json, write_text
 from .train import machine_name, train_model
 
 # The order `search --variants default` trains them: the most informative contrasts first, so a partial

@@ -13,11 +13,11 @@ import torch
 
 import torch.nn.functional as F
 
-from .classifier import KNNClassifier
-from .config import ExperimentConfig
-from .knn import knn_votes
-from .model import IdResNet
-from .train import _optimizer, objective, resolve_device
+from ..config import ExperimentConfig
+from ..defenses.knn import knn_votes
+from ..paper.classifier import KNNClassifier
+from ..paper.model import IdResNet
+from ..paper.train import _optimizer, objective, resolve_device
 
 
 def _timed(fn: Callable[[], Any], repeats: int, device: torch.device, warmup: bool = True) -> float:
@@ -90,9 +90,9 @@ def attack_throughput(clf: KNNClassifier, x: torch.Tensor, y: torch.Tensor, *, s
     iterations. Each figure counts the gradient evaluations the attack makes."""
     from pyautoattack.autopgd_base import APGDAttack
 
-    from .attacks import get_attack
-    from .attacks.apgd_core import apgd
-    from .attacks.base import input_gradient
+    from ..attacks import get_attack
+    from ..attacks.apgd_core import apgd
+    from ..attacks.base import input_gradient
 
     n = len(x)
     out: dict[str, float] = {}

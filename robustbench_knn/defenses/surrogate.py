@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from .config import UsageError
-from .losses import class_potentials, pairwise_distance
+from ..config import UsageError
+from ..paper.losses import class_potentials, pairwise_distance
 
 if TYPE_CHECKING:
     from .defense import KNNDefense

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 import torch
 
-from .config import ExperimentConfig, UsageError, get_model_config
-from .defense import BaseClassifier
+from ..config import ExperimentConfig, UsageError, get_model_config
+from .defense import BaseClassifier, as_classifier
 
 EXPORT_FORMAT = "robustbench-knn/export-1"
 
@@ -29,8 +29,6 @@ def is_config_name(text: str) -> bool:
 
 def load_from_function(text: str) -> BaseClassifier:
     """``pkg.module:function`` → the classifier it returns."""
-    from .api import as_classifier
-
     module_name, _, func_name = text.partition(":")
     if not module_name or not func_name:
         raise UsageError(f"--model {text!r}: use PACKAGE.MODULE:FUNCTION")
@@ -64,7 +62,7 @@ def load_from_function(text: str) -> BaseClassifier:
 
 def export_model(clf: BaseClassifier, cfg: ExperimentConfig, path: str | os.PathLike) -> Path:
     """One safetensors file: the network's weights, the bank and its labels (k-NN), and the config as JSON."""
-    from .store import save_tensors
+    from ..store import save_tensors
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -81,9 +79,9 @@ def export_model(clf: BaseClassifier, cfg: ExperimentConfig, path: str | os.Path
 def load_exported(path: str | os.PathLike, *, surrogate: str = "potential", aligned: bool = False,
                   device: str | torch.device = "cpu") -> tuple[BaseClassifier, ExperimentConfig]:
     """An exported file back as a classifier (and its config); no pickled code is ever executed."""
-    from .classifier import KNNClassifier, LogitClassifier
-    from .model import IdResNet
-    from .store import load_meta, load_tensors
+    from ..paper.classifier import KNNClassifier, LogitClassifier
+    from ..paper.model import IdResNet
+    from ..store import load_meta, load_tensors
 
     path = Path(path)
     if not path.is_file():

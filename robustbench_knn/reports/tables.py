@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .attacks import AttackSpec, get_attack
-from .experiment import _eps_label, benchmark_config
-from .config import ExperimentConfig, UsageError, apply_overrides, get_model_config
-from .store import read_json, write_json, write_text
+from ..attacks import AttackSpec, get_attack
+from ..config import ExperimentConfig, UsageError, apply_overrides, get_model_config
+from ..evaluation.experiment import _eps_label, benchmark_config
+from ..store import read_json, write_json, write_text
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -33,11 +33,12 @@ if TYPE_CHECKING:
 # Package data (setuptools package-data), so a wheel install renders tables too; the repo's baselines/paper.json is
 # the human-readable copy (tests/test_packaging.py checks that the two are equal).
 BASELINES_RESOURCE = ("baselines", "paper.json")
+PACKAGE = "robustbench_knn"  # baselines/ lies at the package's root, not beside this module (reports/)
 
 
 def baselines_resource() -> Traversable:
     """The packaged copy of the paper's numbers (``robustbench_knn/baselines/paper.json``)."""
-    res = resources.files(__package__)
+    res = resources.files(PACKAGE)
     for part in BASELINES_RESOURCE:
         res = res / part
     return res
@@ -115,7 +116,7 @@ def load_baselines(path: str | os.PathLike | None = None) -> dict[str, Any]:
     res = baselines_resource()
     if not res.is_file():
         raise UsageError(f"paper baselines missing from the installed package ({'/'.join(BASELINES_RESOURCE)} in "
-                         f"{__package__}); reinstall robustbench-knn")
+                         f"{PACKAGE}); reinstall robustbench-knn")
     return json.loads(res.read_text(encoding="utf-8"))
 
 
@@ -174,7 +175,7 @@ def _reusable(out_dir: str | os.PathLike, row: str, settings: dict) -> tuple[Pat
 
 
 def _dataset_sha(data_dir: str | None) -> str:
-    from .data import load_cifar10
+    from ..data import load_cifar10
 
     return load_cifar10(data_dir).sha256
 

@@ -13,15 +13,15 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .attacks import AttackSpec
-from .attacks.transfer import trained_sources, transfer_sources
-from .classifier import build_classifier
-from .config import ExperimentConfig, UsageError
-from .data import DATASET_LABEL, load_cifar10
+from ..attacks import AttackSpec
+from ..attacks.transfer import trained_sources, transfer_sources
+from ..config import ExperimentConfig, UsageError
+from ..data import DATASET_LABEL, load_cifar10
+from ..paper.classifier import build_classifier
+from ..paper.train import resolve_device, train_model
+from ..store import model_dir, write_json, write_text
 from .distributed import current
 from .evaluate import predict_split, run_attacks, versions
-from .store import model_dir, write_json, write_text
-from .train import resolve_device, train_model
 
 DATASET_NAME = f"{DATASET_LABEL} (JPEG q75)"
 
@@ -104,7 +104,7 @@ def evaluate_classifier(clf: torch.nn.Module, data: Any, specs: list[AttackSpec]
 def defense_cells(clf: torch.nn.Module, dataset_sha: str, cache_dir: str | None = None) -> Path:
     """The cell cache of a defense that has no config (a user's function, an exported file): keyed by its
     weights and bank, so a killed ``evaluate`` resumes and another defense never reuses its cells."""
-    from .store import cache_root
+    from ..store import cache_root
 
     tag = getattr(clf, "surrogate_name", "logits") + ("-aligned" if getattr(clf, "aligned", False) else "")
     return cache_root(cache_dir) / "defenses" / weights_hash(clf) / "cells" / f"k{getattr(clf, 'k', 0)}-{tag}-{dataset_sha[:8]}"

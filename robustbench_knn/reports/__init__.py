@@ -1,0 +1,1 @@
+"""Rendering stored results: tables (md/csv/tex) and plots."""
