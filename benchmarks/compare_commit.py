@@ -2,6 +2,7 @@
 inputs, with the outputs checked equal. Needs a git checkout (the earlier package is read with `git show`).
 
     python benchmarks/compare_commit.py d13cbf1 [--n-test 10000 --n-bank 50000 --k 800]
+    python benchmarks/compare_commit.py 8bf4998 --dim 2078 --spaces 1 --n-test 1000   # deep k-NN's wide bank
 """
 
 from __future__ import annotations
@@ -58,29 +59,32 @@ def main() -> None:
     ap.add_argument("--n-bank", type=int, default=50000)
     ap.add_argument("--k", type=int, default=800)
     ap.add_argument("--attack-batch", type=int, default=250)
+    ap.add_argument("--dim", type=int, default=30, help="embedding width (30: FULL; 2078: row A's features)")
+    ap.add_argument("--spaces", type=int, default=2, help="sub-spaces of the distance (2: FULL; 1: plain l2)")
     args = ap.parse_args()
 
     import robustbench_knn.defenses.knn as new_knn
-    import robustbench_knn.paper.losses as new_losses
+    import robustbench_knn.defenses.potential as new_losses
 
     with tempfile.TemporaryDirectory() as tmp:
         load_package_at(args.rev, Path(tmp))
         old_knn = import_either("rbk_ref.defenses.knn", "rbk_ref.knn")
-        old_losses = import_either("rbk_ref.paper.losses", "rbk_ref.losses")
+        old_losses = import_either("rbk_ref.defenses.potential", "rbk_ref.paper.losses", "rbk_ref.losses")
         g = torch.Generator().manual_seed(0)
-        emb = torch.randn(args.n_test, 30, generator=g) * 3
-        bank = torch.randn(args.n_bank, 30, generator=g) * 3
+        emb = torch.randn(args.n_test, args.dim, generator=g) * 3
+        bank = torch.randn(args.n_bank, args.dim, generator=g) * 3
         labels = torch.randint(0, 10, (args.n_bank,), generator=g)
-        kw = dict(k=args.k, n_spaces=2, n_classes=10)
+        kw = dict(k=args.k, n_spaces=args.spaces, n_classes=10)
         t_old, p_old = timed(lambda: old_knn.knn_predict(emb, bank, labels, **kw))
         t_new, p_new = timed(lambda: new_knn.knn_predict(emb, bank, labels, **kw))
         print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}")
+        print(f"width {args.dim}, {args.spaces} sub-space(s)")
         print(f"k-NN {args.n_test} x {args.n_bank}, k={args.k}: {args.rev} {t_old:.2f} s, this checkout "
               f"{t_new:.2f} s, speed-up {t_old / t_new:.2f}x, same predictions: {torch.equal(p_old, p_new)}")
 
         e = emb[:args.attack_batch].clone().requires_grad_(True)
         y = torch.randint(0, 10, (len(e),), generator=g)
-        lk = dict(n_spaces=2, lam=0.5, l0=7.0)
+        lk = dict(n_spaces=args.spaces, lam=0.5, l0=7.0)
 
         def loss_grad(mod):
             return lambda: torch.autograd.grad(mod.attack_loss(e, y, bank, labels, **lk).sum(), e)[0]

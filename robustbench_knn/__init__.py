@@ -3,7 +3,8 @@
 from .config import ExperimentConfig, LossConfig, ModelConfig, TrainConfig, UsageError, get_model_config
 from .defenses.defense import KNNDefense
 from .defenses.knn import knn_predict
-from .paper.losses import attack_loss, exp_contrastive_loss
+from .defenses.potential import attack_loss
+from .paper.losses import exp_contrastive_loss
 
 __all__ = ["benchmark", "BenchmarkResult", "KNNDefense", "ExperimentConfig", "ModelConfig", "LossConfig",
            "TrainConfig", "UsageError", "get_model_config", "knn_predict", "attack_loss", "exp_contrastive_loss"]

@@ -273,7 +273,7 @@ def _evaluate_loaded(args: argparse.Namespace, specs: list[Any], eps: list[float
     from .defenses.loading import resolve_model
     from .evaluation.api import require_knn
     from .evaluation.experiment import defense_cells, evaluate_classifier
-    from .paper.train import resolve_device
+    from .devices import resolve_device
 
     for flag in ("epochs", "n_train", "set"):
         if getattr(args, flag):
@@ -335,7 +335,7 @@ def cmd_toolkits(args: argparse.Namespace) -> None:
         from .defenses.loading import resolve_model
         from .evaluation.experiment import weights_hash
         from .evaluation.toolkit_compare import compare_classifiers
-        from .paper.train import resolve_device
+        from .devices import resolve_device
 
         eps = parse_eps(args.eps)
         clf, _, name = resolve_model(args.model, device=resolve_device(args.device))
@@ -391,7 +391,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
     model = None
     if not is_config_name(args.model):  # a ready defense in place of FULL's gate-sized training
         from .defenses.loading import resolve_model
-        from .paper.train import resolve_device
+        from .devices import resolve_device
 
         if args.plant == "one-epoch-model":
             raise UsageError("--plant one-epoch-model retrains the model; --model here is already built")
@@ -467,7 +467,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     from .defenses.surrogate import SURROGATES
-    from .evaluation.audit import attacks_frame, audit, audit_classifier, checks_frame
+    from .evaluation.audit import audit, audit_classifier
+    from .reports.audit_report import attacks_frame, checks_frame, save_audit
 
     if args.figure3 and not is_config_name(args.model):
         raise UsageError("--figure3 trains a model of this project (full, ...), not a module or a file")
@@ -490,25 +491,26 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if is_config_name(args.model):
         res = audit(_model_config(args), eps[0], n_test=args.n_test, quick=args.quick, data_dir=args.data_dir,
                     cache_dir=args.cache_dir, device=args.device, seed=args.seed or 0, surrogate=args.surrogate,
-                    batch_size=args.batch_size, out_dir=args.out, progress=not args.quiet)
+                    batch_size=args.batch_size, progress=not args.quiet)
     else:
         from .data import load_cifar10
         from .defenses.loading import resolve_model
+        from .devices import resolve_device
         from .evaluation.experiment import weights_hash
-        from .paper.train import resolve_device
 
         clf, cfg, name = resolve_model(args.model, surrogate=args.surrogate, device=resolve_device(args.device))
         res = audit_classifier(clf, load_cifar10(args.data_dir), eps[0], name=name, config_hash=weights_hash(clf),
                                config=cfg.to_dict() if cfg else None, target_cfg=cfg, n_test=args.n_test,
                                quick=args.quick, cache_dir=args.cache_dir, seed=args.seed or 0,
-                               batch_size=args.batch_size, out_dir=args.out, progress=not args.quiet)
+                               batch_size=args.batch_size, progress=not args.quiet)
+    path = save_audit(res, args.out)
     print(f"{res['dataset']}, model {res['model']}, ε = {args.eps}, {res['n']} test images: "
           f"clean {res['clean_acc']:.1f}%")
     print(tabulate(attacks_frame(res), headers="keys", tablefmt="github", showindex=False))
     print(tabulate(res["attribution"], headers="keys", tablefmt="github"))
     print(tabulate(checks_frame(res), headers="keys", tablefmt="github", showindex=False))
     print(res["verdict"]["text"])
-    print(f"results: {res['path']}")
+    print(f"results: {path}")
     return 0
 
 

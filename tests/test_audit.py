@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from robustbench_knn.cli import main
-from robustbench_knn.evaluation.audit import attribution, run_audit, save_audit
+from robustbench_knn.evaluation.audit import attribution, run_audit
+from robustbench_knn.reports.audit_report import save_audit
 from robustbench_knn.reports.plots import figure3_config, figure3_points, plot_eps_curves, plot_figure3
 
 from .conftest import TINY_SETS

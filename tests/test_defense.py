@@ -55,6 +55,19 @@ def test_bank_as_images_equals_bank_as_embeddings(tiny_data):
     assert torch.allclose(a.bank, b.bank, atol=1e-5) and torch.equal(a.predict(x), b.predict(x))
 
 
+def test_a_bank_made_under_inference_mode_can_be_attacked():
+    # users embed their bank under torch.inference_mode(); autograd cannot save such tensors for an attack
+    gen = torch.Generator().manual_seed(3)
+    emb = nn.Sequential(nn.Flatten(), nn.Linear(3072, 8))
+    with torch.inference_mode():
+        bank = emb(torch.rand(50, 3, 32, 32, generator=gen))
+    d = KNNDefense(emb, torch.randint(0, 3, (50,), generator=gen), bank_embeddings=bank, k=5)
+    x = torch.rand(4, 3, 32, 32, generator=gen, requires_grad=True)
+    (grad,) = torch.autograd.grad(d(x).sum(), x)
+    assert grad.shape == x.shape and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert torch.equal(d.bank, bank)
+
+
 @pytest.mark.parametrize("kwargs, msg", [
     ({"bank_embeddings": torch.zeros(5, 4), "bank_images": torch.zeros(5, 4)}, "exactly one"),
     ({}, "exactly one"),

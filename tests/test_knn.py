@@ -58,7 +58,7 @@ def test_vote_margin():
 def reference_knn_votes(emb, train_emb, train_labels, *, k, n_spaces, n_classes, chunk=256):
     """The dense implementation the fast path replaced (every column masked, cumulative sum for ties at the
     k-th distance), kept verbatim as the reference."""
-    from robustbench_knn.paper.losses import pairwise_distance
+    from robustbench_knn.distances import pairwise_distance
 
     onehot = torch.nn.functional.one_hot(train_labels, n_classes).to(train_emb.dtype)
     votes, dsum = [], []
@@ -112,7 +112,7 @@ def test_fast_votes_equal_reference_with_planted_ties_at_kth_distance():
     for k in (1, 7, 50, 333, 1999):
         _assert_same_as_reference(emb, bank, labels, k, 2, 5, chunk=32)
     # the planted data really has ties at the k-th distance (else the exact fallback is not exercised)
-    from robustbench_knn.paper.losses import pairwise_distance
+    from robustbench_knn.distances import pairwise_distance
 
     vals = torch.topk(pairwise_distance(emb, bank, 2), 51, dim=1, largest=False).values
     assert (vals[:, 49] == vals[:, 50]).float().mean() > 0.5

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from robustbench_knn.paper.losses import attack_loss, class_potentials, exp_contrastive_loss
+from robustbench_knn.defenses.potential import attack_loss, class_potentials
+from robustbench_knn.paper.losses import exp_contrastive_loss
 
 
 def _dist(p, q, n_spaces):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..config import UsageError
 from ..defenses.surrogate import SoftKNNSurrogate
-from ..paper.losses import pairwise_distance
+from ..distances import pairwise_distance
 from .apgd_core import apgd
 from .base import Attack, input_gradient, project, register, register_group
 from .knn_tools import (BestIterate, embed_batched, kth_distance, random_start, require_knn,

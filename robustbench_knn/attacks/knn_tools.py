@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..defenses.defense import embed_in_batches
 from ..defenses.knn import DEFAULT_CHUNK, knn_votes, vote_decision, vote_margin
-from ..paper.losses import pairwise_distance, split_spaces
+from ..distances import pairwise_distance, split_spaces
 from .base import project
 
 
@@ -80,7 +81,7 @@ def vote_state(clf: torch.nn.Module, emb: torch.Tensor, y: torch.Tensor, *, with
 def set_distance(emb: torch.Tensor, points: torch.Tensor, n_spaces: int) -> torch.Tensor:
     """Distance from each row of ``emb`` (N, W) to each of its own points (N, M, W) → (N, M), differentiable.
 
-    The per-point counterpart of :func:`~robustbench_knn.paper.losses.pairwise_distance` (sum over sub-spaces of L2);
+    The per-point counterpart of :func:`~robustbench_knn.distances.pairwise_distance` (sum over sub-spaces of L2);
     the tiny constant keeps the gradient finite where a point coincides with the embedding.
     """
     n, m, w = points.shape
@@ -96,9 +97,8 @@ def require_knn(model: torch.nn.Module, attack: str) -> None:
         raise UsageError(f"attack {attack} needs a k-NN classifier (a model with an embedding bank)")
 
 
-@torch.no_grad()
 def embed_batched(clf: torch.nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    return torch.cat([clf.embed(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    return embed_in_batches(clf.embed, x, x.device, batch_size)
 
 
 class BestIterate:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 import re
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,8 @@ from torch import nn
 
 from ..config import UsageError
 from ..data import to_float
-from ..paper.losses import attack_loss
 from .knn import knn_votes, vote_decision
+from .potential import attack_loss
 from .surrogate import make_surrogate
 
 
@@ -40,6 +40,18 @@ class BaseClassifier(nn.Module):
         for t in itertools.chain(self.parameters(), self.buffers()):
             return t.device
         return torch.device("cpu")
+
+
+@torch.no_grad()
+def embed_in_batches(embed: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device: torch.device,
+                     batch_size: int = 500) -> torch.Tensor:
+    """``embed`` of ``x`` batch by batch on ``device`` (uint8 images scaled to [0, 1] on the way), concatenated:
+    a 50k bank or a 10k test set at once would not fit in memory."""
+    outs = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].to(device)
+        outs.append(embed(to_float(xb) if xb.dtype == torch.uint8 else xb))
+    return torch.cat(outs) if outs else torch.empty(0, device=device)
 
 
 def freeze(net: nn.Module) -> nn.Module:
@@ -105,8 +117,10 @@ class KNNDefense(BaseClassifier):
         self.metric = metric
         self.net = freeze(embedding)
         labels = torch.as_tensor(bank_labels).long().flatten()
-        bank = (self._embed_bank(bank_images, batch_size) if bank_images is not None
+        bank = (embed_in_batches(self.embed, bank_images, self.device, batch_size) if bank_images is not None
                 else bank_embeddings.detach()).float()
+        if bank.is_inference():  # made under torch.inference_mode: autograd could not save it in an attack
+            bank = bank.clone()
         if bank.ndim != 2 or len(bank) != len(labels):
             raise UsageError(f"the bank has {len(bank)} embeddings of shape {tuple(bank.shape[1:])} for "
                              f"{len(labels)} labels; need one vector per label")
@@ -139,15 +153,6 @@ class KNNDefense(BaseClassifier):
         new.surrogate = make_surrogate(surrogate, new, **surrogate_options)
         return new
 
-    @torch.no_grad()
-    def _embed_bank(self, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-        dev = next(itertools.chain(self.net.parameters(), self.net.buffers()), torch.empty(0)).device
-        out = []
-        for i in range(0, len(images), batch_size):
-            xb = images[i:i + batch_size].to(dev)
-            out.append(self.embed(to_float(xb) if xb.dtype == torch.uint8 else xb))
-        return torch.cat(out)
-
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         e = self.net(x).flatten(1)
         return F.normalize(e, dim=1) if self.normalize else e
@@ -166,8 +171,7 @@ class KNNDefense(BaseClassifier):
 
     @torch.no_grad()
     def votes(self, x: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-        embs = torch.cat([self.embed(x[i:i + batch_size].to(self.device)) for i in range(0, len(x), batch_size)])
-        return self._votes_of(embs)
+        return self._votes_of(embed_in_batches(self.embed, x, self.device, batch_size))
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..paper.losses import pairwise_distance
+from ..distances import pairwise_distance
 
 DEFAULT_CHUNK = 256
 

@@ -16,7 +16,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .defense import KNNDefense
+from ..devices import resolve_device
+from .defense import KNNDefense, embed_in_batches
 from .knn import knn_predict
 
 K_CANDIDATES = (1, 3, 5, 10, 20, 50, 100, 200)
@@ -53,8 +54,6 @@ def choose_k(emb_fit: torch.Tensor, y_fit: torch.Tensor, emb_val: torch.Tensor, 
 
 
 def _device(device: str) -> torch.device:
-    from ..paper.train import resolve_device
-
     return resolve_device(os.environ.get("ROBUSTBENCH_KNN_DEVICE", device))
 
 
@@ -81,13 +80,12 @@ def deep_knn_a(data_dir: str | None = None, k: int = DEEP_KNN_K, device: str = "
     from the cache)."""
     from ..config import apply_overrides, get_model_config
     from ..data import load_cifar10
-    from ..paper.classifier import embed_images
     from ..paper.train import train_model
 
     data = load_cifar10(data_dir)
     dev = _device(device)
     trained = train_model(apply_overrides(get_model_config("a"), sets), data, device=dev, cache_dir=cache_dir, progress=False)
     emb = Penultimate(trained.net)
-    bank = embed_images(emb, trained.train_split.x)
+    bank = embed_in_batches(emb, trained.train_split.x, dev, batch_size=1024)
     return KNNDefense(emb, trained.train_split.y.to(bank.device), bank_embeddings=bank, k=k, metric="l2",
                       surrogate="softknn")

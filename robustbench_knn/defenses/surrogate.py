@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..config import UsageError
-from ..paper.losses import class_potentials, pairwise_distance
+from ..distances import pairwise_distance
+from .potential import class_potentials
 
 if TYPE_CHECKING:
     from .defense import KNNDefense

@@ -125,7 +125,8 @@ def benchmark(model: Any, *, n_examples: int = 1000, eps: float = 8 / 255, attac
     ``out``: also save JSON, per-sample CSV and a RobustBench-style model card there.
     """
     from ..data import load_cifar10
-    from ..paper.train import resolve_device, train_model
+    from ..devices import resolve_device
+    from ..paper.train import train_model
     from . import distributed
 
     if n_examples < 1 or not 0 < eps < 1:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -23,7 +22,6 @@ from ..attacks import STANDARD_SUITE, AttackSpec, get_attack, input_gradient, pa
 from ..attacks.adaptive import ADAPTIVE_SUITE
 from ..attacks.transfer import transfer_sources, trained_sources
 from ..config import ExperimentConfig, UsageError
-from .distributed import current
 from .evaluate import robust_mask, run_attacks, versions
 
 QUICK_STANDARD = ("kfgsm", "aa:apgd")
@@ -353,58 +351,14 @@ def verdict(checks: list[Check], reported: float, bound: float, n_runs: int) -> 
             "text": text, "reported_acc": reported, "upper_bound_acc": bound}
 
 
-def checks_frame(result: dict[str, Any]) -> pd.DataFrame:
-    return pd.DataFrame(result["checks"])[["name", "verdict", "numbers", "why"]]
-
-
-def attacks_frame(result: dict[str, Any]) -> pd.DataFrame:
-    r = result["main"]["per_eps"][0]["attacks"]
-    rows = [{"attack": k, "family": result["families"][k], "standard": k in result["standard"],
-             "robust_acc": a.get("robust_acc", "REJECTED"), "zero_grad_frac": a["zero_or_nonfinite_grad_frac"],
-             "seconds": a["seconds"]} for k, a in r.items()]
-    return pd.DataFrame(rows)
-
-
-def audit_model_card(result: dict[str, Any]) -> dict[str, Any]:
-    """RobustBench's ``model_info`` fields from an audit: the best upper bound (per-sample worst case over every
-    run) as the robust accuracy, and ``unreliable`` from the verdict (true unless TRUSTED)."""
-    from .api import model_card
-
-    verdict = result["verdict"]
-    return model_card(result.get("model", "model"), result.get("dataset", ""), result["eps"], result["clean_acc"],
-                      result["upper_bound_acc"], result["robust_acc"], result["n"],
-                      unreliable=verdict["status"] != "TRUSTED",
-                      footnote=f"Audit verdict: {verdict['text']}")
-
-
-def save_audit(result: dict[str, Any], out_dir: str | os.PathLike) -> Path:
-    """``audit-<model>-<hash>-eps<N>.json`` + ``.csv`` (checks) + ``-attacks.csv`` + the two PNG plots."""
-    from ..reports.plots import plot_eps_curves, plot_steps_curves
-    from ..store import write_json, write_text
-
-    out = Path(out_dir)
-    label = f"{result['eps'] * 255:g}".replace(".", "p")
-    stem = out / f"audit-{result.get('model', 'model')}-{result.get('config_hash', 'x')}-eps{label}"
-    if not current().writer:  # rank 0 writes what every rank holds
-        return stem.with_suffix(".json")
-    write_json(stem.with_suffix(".json"), result)
-    write_text(stem.with_suffix(".csv"), checks_frame(result).to_csv(index=False))
-    write_text(Path(f"{stem}-attacks.csv"), attacks_frame(result).to_csv(index=False))
-    write_json(Path(f"{stem}.model-card.json"), audit_model_card(result))
-    plot_eps_curves(result["eps_curves"], Path(f"{stem}-eps.png"),
-                    title=f"{result.get('model', '')}: robust accuracy vs ε")
-    if result["steps_curves"]:
-        plot_steps_curves(result["steps_curves"], Path(f"{stem}-steps.png"), eps=result["eps"])
-    return stem.with_suffix(".json")
-
-
 def audit(cfg: ExperimentConfig, eps: float, *, n_test: int = 500, quick: bool = False, data_dir: str | None = None,
           cache_dir: str | None = None, device: str = "auto", seed: int = 0, surrogate: str = "potential",
-          batch_size: int = 250, out_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
+          batch_size: int = 250, progress: bool = True) -> dict[str, Any]:
     """Train or load ``cfg`` (as ``benchmark_config`` does) and audit it on the first ``n_test`` test images."""
     from ..data import load_cifar10
+    from ..devices import resolve_device
     from ..paper.classifier import build_classifier
-    from ..paper.train import resolve_device, train_model
+    from ..paper.train import train_model
     from .experiment import cell_dir
 
     if n_test < 1:
@@ -414,14 +368,14 @@ def audit(cfg: ExperimentConfig, eps: float, *, n_test: int = 500, quick: bool =
     clf = build_classifier(train_model(cfg, data, device=dev, cache_dir=cache_dir, progress=progress), surrogate)
     return audit_classifier(clf, data, eps, name=cfg.name, config_hash=cfg.config_hash(), config=cfg.to_dict(),
                             target_cfg=cfg, n_test=n_test, quick=quick, cache_dir=cache_dir, seed=seed,
-                            batch_size=batch_size, out_dir=out_dir, progress=progress,
+                            batch_size=batch_size, progress=progress,
                             cells=cell_dir(cfg, surrogate, data.sha256, cache_dir))
 
 
 def audit_classifier(clf: torch.nn.Module, data: Any, eps: float, *, name: str, config_hash: str,
                      config: dict[str, Any] | None = None, target_cfg: ExperimentConfig | None = None,
                      n_test: int = 500, quick: bool = False, cache_dir: str | None = None, seed: int = 0,
-                     batch_size: int = 250, out_dir: str | os.PathLike | None = None, progress: bool = True,
+                     batch_size: int = 250, progress: bool = True,
                      cells: str | os.PathLike | None = None) -> dict[str, Any]:
     """Audit any defense through its interface (adaptive k-NN attacks where it has a bank; ``transfer``
     crafts on Table 2's row A at ``target_cfg``'s size, FULL's by default)."""
@@ -440,9 +394,6 @@ def audit_classifier(clf: torch.nn.Module, data: Any, eps: float, *, name: str, 
                            overrides=QUICK_OVERRIDES if quick else None,
                            steps_factors=(2.0,) if quick else (0.25, 0.5, 2.0), batch_size=batch_size, seed=seed,
                            cell_dir=cells, progress=progress)
-    result = {"model": name, "config": config, "config_hash": config_hash, "dataset": DATASET_NAME,
-              "dataset_sha256": data.sha256, "surrogate": getattr(clf, "surrogate_name", "logits"), "quick": quick,
-              "seed": seed, "device": str(clf.device), "versions": versions(), **result}
-    if out_dir is not None:
-        result["path"] = str(save_audit(result, out_dir))
-    return result
+    return {"model": name, "config": config, "config_hash": config_hash, "dataset": DATASET_NAME,
+            "dataset_sha256": data.sha256, "surrogate": getattr(clf, "surrogate_name", "logits"), "quick": quick,
+            "seed": seed, "device": str(clf.device), "versions": versions(), **result}

@@ -17,7 +17,8 @@ from ..config import ExperimentConfig
 from ..defenses.knn import knn_votes
 from ..paper.classifier import KNNClassifier
 from ..paper.model import IdResNet
-from ..paper.train import _optimizer, objective, resolve_device
+from ..devices import resolve_device
+from ..paper.train import _optimizer, objective
 
 
 def _timed(fn: Callable[[], Any], repeats: int, device: torch.device, warmup: bool = True) -> float:

@@ -18,7 +18,8 @@ from ..attacks.transfer import trained_sources, transfer_sources
 from ..config import ExperimentConfig, UsageError
 from ..data import DATASET_LABEL, load_cifar10
 from ..paper.classifier import build_classifier
-from ..paper.train import resolve_device, train_model
+from ..devices import resolve_device
+from ..paper.train import train_model
 from ..store import model_dir, write_json, write_text
 from .distributed import current
 from .evaluate import predict_split, run_attacks, versions

@@ -9,24 +9,14 @@ computed once.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..config import ExperimentConfig
-from ..data import to_float
-from ..defenses.defense import BaseClassifier, KNNDefense, ModuleClassifier
+from ..defenses.defense import BaseClassifier, KNNDefense, ModuleClassifier, embed_in_batches
 from ..store import load_tensors, save_tensors
 from .model import IdResNet
 from .train import TrainedModel
 
-__all__ = ["BaseClassifier", "KNNClassifier", "LogitClassifier", "build_classifier", "embed_images"]
-
-
-@torch.no_grad()
-def embed_images(net: nn.Module, x_uint8: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
-    """Network outputs for uint8 images, batched, on the network's device."""
-    dev = next(net.parameters()).device
-    outs = [net(to_float(x_uint8[i:i + batch_size].to(dev))) for i in range(0, len(x_uint8), batch_size)]
-    return torch.cat(outs) if outs else torch.empty(0, device=dev)
+__all__ = ["BaseClassifier", "KNNClassifier", "LogitClassifier", "build_classifier"]
 
 
 class KNNClassifier(KNNDefense):
@@ -61,7 +51,7 @@ def build_classifier(trained: TrainedModel, surrogate: str = "potential", *, cac
     if cache_bank and bank_file.is_file():
         bank = load_tensors(bank_file, dev)["bank"]
     else:
-        bank = embed_images(net, trained.train_split.x)
+        bank = embed_in_batches(net, trained.train_split.x, dev, batch_size=1024)
         if cache_bank:
             save_tensors(bank_file, {"bank": bank})
     return KNNClassifier(net, bank, trained.train_split.y.to(dev), trained.cfg, surrogate, aligned=aligned,

@@ -23,8 +23,9 @@ from ..config import (NORMALIZATIONS, REG_REDUCTIONS, ExperimentConfig, UsageErr
 from ..data import CIFAR10
 from ..store import read_json, write_json, write_text
 from .classifier import build_classifier
-from .losses import pairwise_distance
-from .train import machine_name, train_model
+from ..distances import pairwise_distance
+from ..devices import machine_name
+from .train import train_model
 
 # The order `search --variants default` trains them: the most informative contrasts first, so a partial
 # run (20 epochs of FULL take 8-17 min on a 2-core CPU) still answers the main questions.

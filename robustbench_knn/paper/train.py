@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,37 +19,11 @@ from tqdm.auto import tqdm
 
 from ..config import ExperimentConfig
 from ..data import CIFAR10, Split, pixel_stats, to_float
+from ..devices import machine_name, resolve_device
 from ..store import (load_meta, load_tensors, model_dir, optimizer_tensors, read_json, restore_optimizer,
                     save_tensors, write_json)
 from .losses import exp_contrastive_loss
 from .model import IdResNet
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        from ..config import UsageError
-
-        raise UsageError("--device cuda requested but CUDA is not available")
-    return dev
-
-
-def machine_name(device: torch.device | str) -> str:
-    """What trained it: the GPU's name, or the CPU model and core count."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def fit_split(data: CIFAR10, cfg: ExperimentConfig) -> tuple[Split, Split | None]:

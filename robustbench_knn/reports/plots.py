@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from ..config import ExperimentConfig, get_model_config  # noqa: E402
 from ..data import CLASSES, Split  # noqa: E402
-from ..paper.losses import split_spaces  # noqa: E402
+from ..distances import split_spaces  # noqa: E402
 
 
 def _save(fig: Any, path: str | os.PathLike) -> Path:
@@ -73,11 +73,12 @@ def figure3_points(net: torch.nn.Module, n_spaces: int, train: Split, test: Spli
                    max_train: int | None = None) -> dict[str, Any]:
     """Embeddings of train and test images split into sub-spaces: {"train"/"test": {"points": (len(spaces), N, d),
     "labels": (N,)}}; ``max_train`` keeps the first N training images (the scatter needs no more)."""
-    from ..paper.classifier import embed_images
+    from ..defenses.defense import embed_in_batches
 
+    dev = next(net.parameters()).device
     out: dict[str, Any] = {}
     for name, split in (("train", train if max_train is None else train.head(max_train)), ("test", test)):
-        sub = split_spaces(embed_images(net, split.x).cpu(), n_spaces)[list(spaces)]
+        sub = split_spaces(embed_in_batches(net, split.x, dev, batch_size=1024).cpu(), n_spaces)[list(spaces)]
         out[name] = {"points": sub, "labels": split.y.cpu()}
     out["spaces"] = list(spaces)
     return out

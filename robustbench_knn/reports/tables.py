@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -26,6 +25,7 @@ from ..attacks import AttackSpec, get_attack
 from ..config import ExperimentConfig, UsageError, apply_overrides, get_model_config
 from ..evaluation.experiment import _eps_label, benchmark_config
 from ..store import read_json, write_json, write_text
+from .formats import alignment, display_frame, to_latex
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -312,21 +312,6 @@ def _column_names(col: Column) -> list[str]:
     return [col.label, f"{col.label} paper", f"{col.label} Δ"] if col.paper_key else [col.label]
 
 
-def _cell(col: str, value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, bool):
-        return "✓" if value else "×"
-    if isinstance(value, float):
-        return f"{value:+.2f}" if col.endswith(" Δ") else f"{value:.2f}"
-    return str(value)
-
-
-def display_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """Strings as printed: two decimals, signed Δ, ✓/×, '–' for no value."""
-    return pd.DataFrame({c: [_cell(c, v) for v in df[c].astype(object)] for c in df.columns}, columns=df.columns)
-
-
 def _setting(rows: dict[str, dict[str, Any]], get: Callable[[dict[str, Any]], Any]) -> str:
     """One value when all rows agree, else the value per row (so a mixed table says so)."""
     values = {row: get(s) for row, s in rows.items()}
@@ -385,38 +370,6 @@ def header_lines(name: str, rows: dict[str, dict[str, Any]], baselines: dict[str
     return lines + [""]
 
 
-_TEX = {  # LaTeX specials, then the unicode the tables print
-    "l∞": r"$\ell_\infty$", "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "ε": r"$\varepsilon$",
-    "Δ": r"$\Delta$", "✓": r"\checkmark{}", "×": r"$\times$", "∞": r"$\infty$", "–": "--", "−": "-",
-    "—": "---", "§": r"\S{}",
-}
-
-
-def _tex_escape(text: str) -> str:
-    return re.sub("|".join(map(re.escape, _TEX)), lambda m: _TEX[m.group()], text)
-
-
-def _alignment(df: pd.DataFrame) -> list[str]:
-    """Right-align the columns of numbers (display strings such as '37.00', '+1.20', '–')."""
-    def numeric(col: str) -> bool:
-        return len(df) > 0 and all(re.fullmatch(r"[-+]?\d+(\.\d+)?|–", str(v)) for v in df[col])
-
-    return ["right" if numeric(c) else "left" for c in df.columns]
-
-
-def to_latex(df: pd.DataFrame, header: Sequence[str]) -> str:
-    """booktabs tabular (needs \\usepackage{booktabs,amssymb}); the header lines as LaTeX comments."""
-    def line(cells: Sequence[Any]) -> str:
-        return " & ".join(_tex_escape(str(c)) for c in cells) + r" \\"
-
-    align = "".join("r" if a == "right" else "l" for a in _alignment(df))
-    out = [f"% {h}" for h in header if h]
-    out += [r"\begin{tabular}{" + align + "}", r"\toprule", line(df.columns),
-            r"\midrule", *(line(row) for row in df.itertuples(index=False)), r"\bottomrule", r"\end{tabular}"]
-    return "\n".join(out) + "\n"
-
-
 def render_table(name: str, out_dir: str | os.PathLike = "tables") -> Path:
     """Write ``<name>.md``, ``.csv`` and ``.tex`` from the stored row JSONs and the paper's numbers only."""
     baselines = load_baselines()
@@ -424,7 +377,7 @@ def render_table(name: str, out_dir: str | os.PathLike = "tables") -> Path:
     header = header_lines(name, stored_rows(name, out_dir), baselines)
     shown = display_frame(df)
     out = Path(out_dir)
-    table = shown.to_markdown(index=False, disable_numparse=True, colalign=_alignment(shown))
+    table = shown.to_markdown(index=False, disable_numparse=True, colalign=alignment(shown))
     write_text(out / f"{name}.md", "\n".join(header) + "\n" + table + "\n")
     write_text(out / f"{name}.csv", df.to_csv(index=False))
     write_text(out / f"{name}.tex", to_latex(shown, header))
