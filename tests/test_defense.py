@@ -8,6 +8,7 @@ from torch import nn
 
 from robustbench_knn import BenchmarkResult, KNNDefense, UsageError, benchmark
 from robustbench_knn.defenses.defense import aligned_logits
+from robustbench_knn.defenses.knn import knn_predict
 from robustbench_knn.paper.classifier import KNNClassifier
 
 
@@ -158,6 +159,10 @@ def test_raw_pixel_subject_chooses_k_on_validation(tiny_data_dir, tiny_data):
     scores = d.k_choice["val_acc"]
     assert set(scores) == set(K_CANDIDATES) and d.k == d.k_choice["chosen"]
     assert scores[d.k] == max(scores.values()) and len(d.bank) == 400  # scored on 300 vs 100, then all 400
+    pixels, y = tiny_data.train.floats().flatten(1), tiny_data.train.y
+    for k, score in scores.items():  # each candidate's score is its own k-NN's validation accuracy
+        pred = knn_predict(pixels[300:], pixels[:300], y[:300], k=k, n_spaces=1, n_classes=10)
+        assert score == round(100 * (pred == y[300:]).float().mean().item(), 2)
     x = tiny_data.test.floats()
     dist = torch.cdist(x.flatten(1), tiny_data.train.floats().flatten(1))
     nearest = dist.argmin(1)

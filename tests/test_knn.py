@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from robustbench_knn.defenses.knn import knn_predict, knn_votes, vote_margin
@@ -117,3 +118,22 @@ def test_fast_votes_equal_reference_with_planted_ties_at_kth_distance():
     vals = torch.topk(pairwise_distance(emb, bank, 2), 51, dim=1, largest=False).values
     assert (vals[:, 49] == vals[:, 50]).float().mean() > 0.5
 
+
+
+def test_votes_for_several_k_equal_one_k_at_a_time():
+    # choosing k reads every candidate's votes from one pass over the distances: each equals its own run
+    from robustbench_knn.defenses.knn import knn_votes_for_ks
+
+    g = torch.Generator().manual_seed(7)
+    bank = torch.randint(-3, 4, (600, 4), generator=g).float()  # integer coordinates: ties at the k-th distance
+    labels = torch.randint(0, 4, (600,), generator=g)
+    emb = torch.randint(-3, 4, (70, 4), generator=g).float()
+    ks = (1, 5, 50, 200, 600)
+    for method in ("fast", "dense"):
+        many = knn_votes_for_ks(emb, bank, labels, ks=ks, n_spaces=2, n_classes=4, chunk=32, method=method)
+        assert set(many) == set(ks)
+        for k in ks:
+            one = knn_votes(emb, bank, labels, k=k, n_spaces=2, n_classes=4, chunk=32, method=method)
+            assert torch.equal(many[k][0], one[0]) and torch.equal(many[k][1], one[1])
+    with pytest.raises(ValueError, match="k=601"):
+        knn_votes_for_ks(emb, bank, labels, ks=(5, 601), n_spaces=2, n_classes=4)

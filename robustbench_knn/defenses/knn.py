@@ -9,6 +9,8 @@ Deterministic tie rules:
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -72,22 +74,31 @@ def knn_votes(
     """Vote counts (N, K) as int64 and summed neighbour distance per class (N, K). ``method``: "fast"
     (``topk`` indices, the exact rule only for rows tied at the k-th distance) or "dense" (the exact rule on
     every row); both give the same votes."""
+    return knn_votes_for_ks(emb, train_emb, train_labels, ks=(k,), n_spaces=n_spaces, n_classes=n_classes,
+                            chunk=chunk, method=method)[k]
+
+
+def knn_votes_for_ks(emb: torch.Tensor, train_emb: torch.Tensor, train_labels: torch.Tensor, *, ks: Sequence[int],
+                     n_spaces: int = 2, n_classes: int = 10, chunk: int = DEFAULT_CHUNK, method: str = "fast"
+                     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`knn_votes` for several k from one pass over the distances (choosing k on a validation split:
+    the distances, not the votes, are the cost)."""
     if method not in ("fast", "dense"):
         raise ValueError(f"method must be 'fast' or 'dense', not {method!r}")
-    if not 1 <= k <= len(train_emb):
-        raise ValueError(f"k={k} must be in [1, {len(train_emb)}] (the size of the training bank)")
-    votes, dsum = [], []
+    for k in ks:
+        if not 1 <= k <= len(train_emb):
+            raise ValueError(f"k={k} must be in [1, {len(train_emb)}] (the size of the training bank)")
+    parts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {k: [] for k in ks}
     workspace: list = []  # the chunks' N×M buffers, allocated once
     with torch.no_grad():
         for start in range(0, len(emb), chunk):
             dist = pairwise_distance(emb[start:start + chunk], train_emb, n_spaces, workspace=workspace)
-            v, d = _vote_chunk(dist, train_labels, k, n_classes, method)
-            votes.append(v)
-            dsum.append(d)
-    if not votes:
-        return (torch.zeros(0, n_classes, dtype=torch.long, device=emb.device),
-                torch.zeros(0, n_classes, dtype=train_emb.dtype, device=emb.device))
-    return torch.cat(votes), torch.cat(dsum)
+            for k in ks:
+                parts[k].append(_vote_chunk(dist, train_labels, k, n_classes, method))
+    if not len(emb):
+        return {k: (torch.zeros(0, n_classes, dtype=torch.long, device=emb.device),
+                    torch.zeros(0, n_classes, dtype=train_emb.dtype, device=emb.device)) for k in ks}
+    return {k: (torch.cat([v for v, _ in p]), torch.cat([d for _, d in p])) for k, p in parts.items()}
 
 
 def vote_decision(votes: torch.Tensor, dist_sum: torch.Tensor) -> torch.Tensor:
