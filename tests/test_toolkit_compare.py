@@ -33,6 +33,39 @@ def test_cells_are_cached_and_reused(tiny_clf, tiny_data, tmp_path, monkeypatch)
     assert len(list(tmp_path.glob("*.json"))) == 3
 
 
+def test_a_cell_killed_between_batches_resumes_at_its_next_batch(tiny_clf, tiny_data, tmp_path, monkeypatch):
+    from robustbench_knn.evaluation import evaluate
+
+    sub = tiny_data.test.head(40)
+    specs, eps = [get_attack("ta:pgd")], [2 / 255]  # a random start: each batch's own seed must hold
+    whole = run_attacks(tiny_clf, sub.floats(), sub.y, specs, eps, progress=False, batch_size=4,
+                        cell_dir=tmp_path / "whole")
+    n_batches = whole["per_eps"][0]["attacks"]["ta:pgd"]["n_batches"]
+    assert n_batches >= 4
+    real, calls = evaluate._attack_batch, []
+
+    def killed_at_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C, or the job's time limit
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "_attack_batch", killed_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_attacks(tiny_clf, sub.floats(), sub.y, specs, eps, progress=False, batch_size=4, cell_dir=tmp_path / "run")
+    kept = list((tmp_path / "run").glob("*.batches/batch*.json"))
+    assert len(kept) == 2 and not list((tmp_path / "run").glob("*.json"))  # two batches kept, no cell yet
+    calls.clear()
+    monkeypatch.setattr(evaluate, "_attack_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    resumed = run_attacks(tiny_clf, sub.floats(), sub.y, specs, eps, progress=False, batch_size=4,
+                          cell_dir=tmp_path / "run")
+    assert len(calls) == n_batches - 2  # only the batches not yet done
+    cell, want = resumed["per_eps"][0]["attacks"]["ta:pgd"], whole["per_eps"][0]["attacks"]["ta:pgd"]
+    assert cell["robust"] == want["robust"] and 0 < cell["robust_acc"] < resumed["per_eps"][0]["clean_acc"]
+    assert {k: v for k, v in cell.items() if k != "seconds"} == {k: v for k, v in want.items() if k != "seconds"}
+    assert not list((tmp_path / "run").glob("*.batches"))  # the stored cell replaces its batches
+
+
 def test_only_clean_correct_points_are_attacked(tiny_clf, tiny_data):
     sub = tiny_data.test.head(40)
     y = sub.y.clone()

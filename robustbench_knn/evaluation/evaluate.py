@@ -7,6 +7,7 @@ correctly classified clean and survives every attack run at that ε (the per-sam
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -168,17 +169,28 @@ def run_attacks(
                     bar.update(mine)
                 else:
                     bar.set_postfix_str(f"eps={eps:.4f} {spec.key}")
+                    batch_dir = path.with_suffix(".batches") if path is not None else None
                     own = _attack_cell(clf, x, y, idx, spec, eps, params, batch_size, cell_seed(seed, eps, spec.key),
-                                       lambda: bar.update(1), part)
+                                       lambda: bar.update(1), part, batch_dir)
                     if part_path is not None:
                         write_json(part_path, own)
                 entry = combine_parts(all_gather(own))
                 if path is not None and part.writer and is_complete(entry):
                     write_json(path, entry)
+                if path is not None and (path.is_file() or part_path is not None):  # kept elsewhere now
+                    _drop_batches(path.with_suffix(".batches"), own["batches"])
             cells[(eps, spec.key)] = entry
     bar.close()
     return {"n": len(x), "clean_pred": clean_pred.tolist(), "clean_correct": clean_ok.int().tolist(),
             **assemble(clean_ok, eps_list, [s.key for s in specs], cells)}
+
+
+def _drop_batches(batch_dir: Path, batches: list[int]) -> None:
+    """Remove this process's kept batches of a cell now stored whole (or as this part), and the folder once empty."""
+    for b in batches:
+        (batch_dir / f"batch{b}.json").unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: another shard's batches are still there
+        batch_dir.rmdir()
 
 
 def assemble(clean_ok: torch.Tensor, eps_list: list[float], keys: list[str],
@@ -245,39 +257,67 @@ def robust_mask(entry: dict[str, Any]) -> torch.Tensor | None:
 
 def _attack_cell(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, spec: AttackSpec,
                  eps: float, params: dict[str, Any], batch_size: int, seed: int, tick: Any,
-                 part: Partition = SINGLE) -> dict[str, Any]:
+                 part: Partition = SINGLE, batch_dir: Path | None = None) -> dict[str, Any]:
     """One attack at one ε on the points ``idx`` (the global batches ``part`` owns): validity, per-sample
-    robustness, zero-gradient count, time."""
-    dev = clf.device
-    robust = torch.zeros(len(x), dtype=torch.bool)
-    n_bad_grad = n_surrogate_only = 0
-    violations = {"n_nonfinite": 0, "n_out_of_box": 0, "n_out_of_ball": 0, "max_linf": 0.0}
-    seed_batch(seed)
-    t0 = time.perf_counter()
-    attack = spec.build(clf, eps, **params)
+    robustness, zero-gradient count, time. With ``batch_dir`` each finished batch is kept there and a later
+    call reuses it, so a run killed inside a long cell resumes at its next batch (each batch has its own seed,
+    so the outcome is the same)."""
     n_batches = (len(idx) + batch_size - 1) // batch_size
     batches = [b for b in range(n_batches) if part.owns(b)]
+    if not batches:  # a partition with no batch of this cell (more ranks than batches)
+        return _batch_entry(spec, params, torch.zeros(len(x), dtype=torch.bool), True, dict(_NO_VIOLATIONS), 0, 0, 0.0,
+                            len(idx), [], n_batches)
+    entries, attack = [], None
     for b in batches:
-        sel = idx[b * batch_size:(b + 1) * batch_size]
-        xb, yb = x[sel].to(dev), y[sel].to(dev)
-        seed_batch(batch_seed(seed, b))  # attacks with random starts draw from the global generators
-        x_adv = attack(xb, yb).detach()
-        rep = check_adversarial(xb, x_adv, eps)
-        for key in ("n_nonfinite", "n_out_of_box", "n_out_of_ball"):
-            violations[key] += getattr(rep, key)
-        violations["max_linf"] = max(violations["max_linf"], rep.max_linf)
-        if rep.ok:
-            robust[sel] = right = clf.predict(x_adv).cpu() == yb.cpu()
-            with torch.no_grad():  # toolkits count a point broken when the surrogate is fooled: how often wrongly
-                n_surrogate_only += int(((clf(x_adv).argmax(1).cpu() != yb.cpu()) & right).sum())
-        n_bad_grad += int(bad_gradient_mask(clf, attack, xb, yb).sum())
+        file = batch_dir / f"batch{b}.json" if batch_dir is not None else None
+        if file is not None and file.is_file():
+            entries.append(read_json(file))
+        else:
+            t0 = time.perf_counter()
+            if attack is None:  # built once, from the cell's seed, whichever batch runs first
+                seed_batch(seed)
+                attack = spec.build(clf, eps, **params)
+            entry = _attack_batch(clf, attack, x, y, idx[b * batch_size:(b + 1) * batch_size], eps,
+                                  batch_seed(seed, b))
+            entries.append(_batch_entry(spec, params, *entry, time.perf_counter() - t0, len(idx), [b], n_batches))
+            if file is not None:
+                write_json(file, entries[-1])
         tick()
-    valid = violations["n_nonfinite"] + violations["n_out_of_box"] + violations["n_out_of_ball"] == 0
+    own = combine_parts(entries)
+    own.pop("part_seconds_max", None)  # one process ran these batches one after another: no slowest part
+    return own
+
+
+_NO_VIOLATIONS = {"n_nonfinite": 0, "n_out_of_box": 0, "n_out_of_ball": 0, "max_linf": 0.0}
+
+
+def _attack_batch(clf: torch.nn.Module, attack: Any, x: torch.Tensor, y: torch.Tensor, sel: torch.Tensor, eps: float,
+                  seed: int) -> tuple[torch.Tensor, bool, dict[str, Any], int, int]:
+    """One global batch: (robust over all of ``x``, valid, violations, zero-gradient count, surrogate-only)."""
+    xb, yb = x[sel].to(clf.device), y[sel].to(clf.device)
+    seed_batch(seed)  # attacks with random starts draw from the global generators
+    x_adv = attack(xb, yb).detach()
+    rep = check_adversarial(xb, x_adv, eps)
+    violations = {"n_nonfinite": rep.n_nonfinite, "n_out_of_box": rep.n_out_of_box,
+                  "n_out_of_ball": rep.n_out_of_ball, "max_linf": rep.max_linf}
+    robust = torch.zeros(len(x), dtype=torch.bool)
+    n_surrogate_only = 0
+    if rep.ok:
+        robust[sel] = right = clf.predict(x_adv).cpu() == yb.cpu()
+        with torch.no_grad():  # toolkits count a point broken when the surrogate is fooled: how often wrongly
+            n_surrogate_only = int(((clf(x_adv).argmax(1).cpu() != yb.cpu()) & right).sum())
+    return robust, rep.ok, violations, int(bad_gradient_mask(clf, attack, xb, yb).sum()), n_surrogate_only
+
+
+def _batch_entry(spec: AttackSpec, params: dict[str, Any], robust: torch.Tensor, valid: bool,
+                 violations: dict[str, Any], n_bad_grad: int, n_surrogate_only: int, seconds: float, n_attacked: int,
+                 batches: list[int], n_batches: int) -> dict[str, Any]:
+    """A cell's record of the batches given (one, or none): ``combine_parts`` joins such records."""
     entry: dict[str, Any] = {
         "toolkit": spec.toolkit, "params": params, "valid": valid, "violations": violations,
-        "seconds": round(time.perf_counter() - t0, 2), "n_attacked": len(idx),
+        "seconds": round(seconds, 2), "n_attacked": n_attacked,
         # over the attacked (clean-correct) points
-        "n_zero_or_nonfinite_grad": n_bad_grad, "zero_or_nonfinite_grad_frac": round(n_bad_grad / max(len(idx), 1), 4),
+        "n_zero_or_nonfinite_grad": n_bad_grad, "zero_or_nonfinite_grad_frac": round(n_bad_grad / max(n_attacked, 1), 4),
         # adversarial examples that fool the surrogate logits but not the decision (k-NN vote)
         "surrogate_fooled_decision_right": n_surrogate_only,
         "batches": batches, "n_batches": n_batches,
