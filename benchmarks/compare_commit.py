@@ -61,15 +61,18 @@ def main() -> None:
     ap.add_argument("--attack-batch", type=int, default=250)
     ap.add_argument("--dim", type=int, default=30, help="embedding width (30: FULL; 2078: row A's features)")
     ap.add_argument("--spaces", type=int, default=2, help="sub-spaces of the distance (2: FULL; 1: plain l2)")
+    ap.add_argument("--query-batch", type=int, default=30, help="images per query of a query-only attack (Square)")
     args = ap.parse_args()
 
     import robustbench_knn.defenses.knn as new_knn
     import robustbench_knn.defenses.potential as new_losses
+    import robustbench_knn.distances as new_dist
 
     with tempfile.TemporaryDirectory() as tmp:
         load_package_at(args.rev, Path(tmp))
         old_knn = import_either("rbk_ref.defenses.knn", "rbk_ref.knn")
         old_losses = import_either("rbk_ref.defenses.potential", "rbk_ref.paper.losses", "rbk_ref.losses")
+        old_dist = import_either("rbk_ref.distances", "rbk_ref.paper.losses", "rbk_ref.losses")
         g = torch.Generator().manual_seed(0)
         emb = torch.randn(args.n_test, args.dim, generator=g) * 3
         bank = torch.randn(args.n_bank, args.dim, generator=g) * 3
@@ -94,6 +97,17 @@ def main() -> None:
         err = (g_old - g_new).abs().max().item()
         print(f"attack loss + input gradient, {len(e)} x {args.n_bank}: {args.rev} {t_old:.3f} s, this checkout "
               f"{t_new:.3f} s, speed-up {t_old / t_new:.2f}x, max gradient difference {err:.2e}")
+
+        q = emb[:args.query_batch]
+
+        def query(mod):  # a query-only attack's forward: distances without gradient or workspace
+            return lambda: mod.pairwise_distance(q, bank, args.spaces)
+
+        with torch.no_grad():
+            t_old, d_old = timed(query(old_dist), 3)
+            t_new, d_new = timed(query(new_dist), 3)
+        print(f"distance of a query, {len(q)} x {args.n_bank}: {args.rev} {t_old:.3f} s, this checkout {t_new:.3f} s, "
+              f"speed-up {t_old / t_new:.2f}x, same distances: {torch.equal(d_old, d_new)}")
 
 
 if __name__ == "__main__":

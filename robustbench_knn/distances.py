@@ -111,8 +111,8 @@ def pairwise_distance(a: torch.Tensor, b: torch.Tensor, n_spaces: int, *,
     if grad_a:
         return _DistanceToFixedBank.apply(a, b, n_spaces)
     sa, sb = split_spaces(a, n_spaces), split_spaces(b, n_spaces)
-    if workspace is None:
-        return _space_distances(sa, sb).sum(0)
+    if workspace is None:  # e.g. a query-only attack's forward: the bank's layout is kept as for gradients
+        return _space_distances(sa, None, bank=_fixed_bank_terms(b, n_spaces)).sum(0)
     if not workspace or workspace[0].shape[1] < len(a) or workspace[2] is not b:
         # the bank's norms and matmul layout once, not recomputed for every chunk
         workspace[:] = [torch.empty((n_spaces, len(a), len(b)), dtype=a.dtype, device=a.device),

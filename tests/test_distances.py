@@ -43,7 +43,10 @@ def test_the_kept_bank_layout_follows_the_bank():
     again = attack_step(a, b, 2)
     assert distances._LAST_BANK[3] is kept  # reused, same values
     torch.testing.assert_close(again[0], first[0])
+    torch.testing.assert_close(pairwise_distance(a, b, 2), first[0])  # a query-only attack's path: kept too
+    assert distances._LAST_BANK[3] is kept
     b.mul_(2)  # an in-place edit: the kept layout is stale and must not be used
+    torch.testing.assert_close(pairwise_distance(a, b, 2), brute(a, b, 2))
     torch.testing.assert_close(attack_step(a, b, 2)[0], brute(a, b, 2))
     torch.testing.assert_close(pairwise_distance(a, b, 2, workspace=[]), brute(a, b, 2))
     torch.testing.assert_close(attack_step(a, b, 1)[0], brute(a, b, 1))  # another split of the same bank
