@@ -333,9 +333,9 @@ def cmd_toolkits(args: argparse.Namespace) -> None:
         from .data import load_cifar10
         from .defenses.defense import KNNDefense
         from .defenses.loading import resolve_model
-        from .evaluation.experiment import weights_hash
-        from .evaluation.toolkit_compare import compare_classifiers
         from .devices import resolve_device
+        from .evaluation.experiment import defense_cells, weights_hash
+        from .evaluation.toolkit_compare import compare_classifiers
 
         eps = parse_eps(args.eps)
         clf, _, name = resolve_model(args.model, device=resolve_device(args.device))
@@ -348,9 +348,11 @@ def cmd_toolkits(args: argparse.Namespace) -> None:
             clfs = {s: clf if s == clf.surrogate_name else clf.with_surrogate(s) for s in surrogates}
         else:
             clfs = {"logits": clf}  # a plain classifier's own logits
-        result = compare_classifiers(clfs, load_cifar10(args.data_dir), eps, name=name, config_hash=weights_hash(clf),
+        data = load_cifar10(args.data_dir)
+        result = compare_classifiers(clfs, data, eps, name=name, config_hash=weights_hash(clf),
                                      names=names, n_test=args.n_test, out_dir=args.out, seed=args.seed or 0,
-                                     batch_size=args.batch_size, progress=not args.quiet)
+                                     batch_size=args.batch_size, progress=not args.quiet,
+                                     cells=lambda sur: defense_cells(clfs[sur], data.sha256, args.cache_dir))
     print(render_compare(result))
 
 
@@ -496,13 +498,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
         from .data import load_cifar10
         from .defenses.loading import resolve_model
         from .devices import resolve_device
-        from .evaluation.experiment import weights_hash
+        from .evaluation.experiment import defense_cells, weights_hash
 
         clf, cfg, name = resolve_model(args.model, surrogate=args.surrogate, device=resolve_device(args.device))
-        res = audit_classifier(clf, load_cifar10(args.data_dir), eps[0], name=name, config_hash=weights_hash(clf),
+        data = load_cifar10(args.data_dir)
+        res = audit_classifier(clf, data, eps[0], name=name, config_hash=weights_hash(clf),
                                config=cfg.to_dict() if cfg else None, target_cfg=cfg, n_test=args.n_test,
                                quick=args.quick, cache_dir=args.cache_dir, seed=args.seed or 0,
-                               batch_size=args.batch_size, progress=not args.quiet)
+                               batch_size=args.batch_size, progress=not args.quiet,
+                               cells=defense_cells(clf, data.sha256, args.cache_dir))
     path = save_audit(res, args.out)
     print(f"{res['dataset']}, model {res['model']}, ε = {args.eps}, {res['n']} test images: "
           f"clean {res['clean_acc']:.1f}%")

@@ -114,9 +114,10 @@ def test_export_round_trip_gives_identical_decisions(tmp_path, tiny_data, tiny_d
     assert list((tmp_path / "out").glob("evaluate-tiny-*-potential.model-card.json"))
 
 
-def test_toolkits_and_audit_take_a_user_function(user_dir, tiny_data_dir):
+def test_toolkits_and_audit_take_a_user_function(user_dir, tiny_data_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
     common = ["--model", "mydefense:make", "--eps", "8/255", "--n-test", "12", "--data-dir", str(tiny_data_dir),
-              "--device", "cpu", "--quiet"]
+              "--device", "cpu", "--quiet", "--cache-dir", str(cache)]
     assert main(["toolkits", *common, "--attacks", "kfgsm,pgd", "--out", str(user_dir / "tk")]) == 0
     res = json.loads((user_dir / "tk" / "toolkits.json").read_text())
     # no loss constants in the user's defense: the potential surrogate is left out, softknn runs
@@ -126,6 +127,15 @@ def test_toolkits_and_audit_take_a_user_function(user_dir, tiny_data_dir):
     (path,) = (user_dir / "au").glob("audit-make-*-eps8.json")
     audit = json.loads(path.read_text())
     assert audit["verdict"]["text"] and "native:feature" in audit["robust_acc"]
+    # a user's defense caches its cells too (keyed by its weights and bank): a rerun recomputes nothing
+    assert list(cache.glob("defenses/*/cells/*/native_feature-*.json"))
+
+    def boom(*a, **k):
+        raise AssertionError("a cached cell was recomputed")
+
+    monkeypatch.setattr("robustbench_knn.evaluation.evaluate._attack_cell", boom)
+    assert main(["audit", *common, "--quick", "--out", str(user_dir / "au2")]) == 0
+    assert main(["toolkits", *common, "--attacks", "kfgsm,pgd", "--out", str(user_dir / "tk2")]) == 0
 
 
 def test_aligned_logits_leave_no_surrogate_only_successes(tmp_path, tiny_data_dir, cache_dir):
