@@ -98,7 +98,7 @@ def pairwise_distance(a: torch.Tensor, b: torch.Tensor, n_spaces: int, *,
 
     Uses ‖a‖² + ‖b‖² − 2a·b (matmul speed); clamped at 0 against rounding. Three paths with the same values:
     no gradient (the k-NN vote): in place, reusing the buffers in ``workspace`` (a list the caller keeps
-    between chunks; filled on first use); gradient for ``a`` only (attacks against a fixed bank): a
+    between chunks; filled on first use), the bank's layout kept by :func:`_fixed_bank_terms`; gradient for ``a`` only (attacks against a fixed bank): a
     written-out backward; gradient for ``b`` too (training): plain autograd with a guarded square root.
     """
     grad_a = torch.is_grad_enabled() and a.requires_grad
@@ -110,15 +110,13 @@ def pairwise_distance(a: torch.Tensor, b: torch.Tensor, n_spaces: int, *,
         return _safe_sqrt(sq.clamp_min(0)).sum(0)
     if grad_a:
         return _DistanceToFixedBank.apply(a, b, n_spaces)
-    sa, sb = split_spaces(a, n_spaces), split_spaces(b, n_spaces)
-    if workspace is None:  # e.g. a query-only attack's forward: the bank's layout is kept as for gradients
-        return _space_distances(sa, None, bank=_fixed_bank_terms(b, n_spaces)).sum(0)
+    sa, bank = split_spaces(a, n_spaces), _fixed_bank_terms(b, n_spaces)  # the bank's layout: kept, not redone
+    if workspace is None:  # e.g. a query-only attack's forward
+        return _space_distances(sa, None, bank=bank).sum(0)
     if not workspace or workspace[0].shape[1] < len(a) or workspace[2] is not b:
-        # the bank's norms and matmul layout once, not recomputed for every chunk
         workspace[:] = [torch.empty((n_spaces, len(a), len(b)), dtype=a.dtype, device=a.device),
-                        torch.empty((len(a), len(b)), dtype=a.dtype, device=a.device), b,
-                        _fixed_bank_terms(b, n_spaces)]
-    r = _space_distances(sa, sb, workspace[0], workspace[3])
+                        torch.empty((len(a), len(b)), dtype=a.dtype, device=a.device), b]
+    r = _space_distances(sa, None, workspace[0], bank)
     out = torch.add(r[0], r[1], out=workspace[1][:len(a)]) if n_spaces > 1 else workspace[1][:len(a)].copy_(r[0])
     for j in range(2, n_spaces):  # in order, as sum(0) adds them
         out.add_(r[j])
