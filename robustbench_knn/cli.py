@@ -38,6 +38,33 @@ def parse_eps(text: str) -> list[float]:
     return out
 
 
+TEST_SET_SIZE = 10_000  # CIFAR-10's test set: --n-test / --n-clean beyond it are refused before any work
+
+
+def check_writable_file(out: str, flag: str = "--out") -> None:
+    """Refuse an output file that could not be written, before any work: its folder must exist (or be
+    creatable under the nearest existing folder) and take new files. Probed with a temporary file that is
+    removed at once (a permission check alone would pass for root, e.g. on /proc)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(out).absolute()
+    folder = path.parent
+    try:
+        if path.is_dir():
+            raise UsageError(f"{flag} {out!r} is a folder; give a file name")
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise UsageError(f"{flag} {out!r} cannot be written: {folder} is not a folder")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".robustbench-knn-write-test-")
+    except OSError as e:
+        raise UsageError(f"{flag} {out!r} cannot be written in {folder}: {e.strerror or e}") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def _model_config(args: argparse.Namespace) -> ExperimentConfig:
     cfg = get_model_config(args.model)
     sets = list(args.set or [])
@@ -108,15 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="clean and robust accuracy, judged by the real k-NN decision")
     _common(p)
-    p.add_argument("--attacks", default="kfgsm", help="comma list; `robustbench-knn attacks` lists names")
+    p.add_argument("--attacks", default="default",
+                   help="comma list; `robustbench-knn attacks` lists names. default: on a k-NN defense the adaptive "
+                        "attacks on the vote (feature, softknn-apgd, softknn-apgd-dlr) and the gradient-free "
+                        "vote-square; on a logit classifier AutoAttack standard")
     p.add_argument("--attack-param", action="append", default=[], metavar="ATTACK.PARAM=VALUE")
     p.add_argument("--eps", default="8/255,16/255", help="comma list, e.g. 8/255,16/255 or 0.031")
     p.add_argument("--n-test", type=int, default=1000, help="first N test images are attacked")
     p.add_argument("--n-clean", type=int, help="first N test images for clean accuracy (default: all)")
     p.add_argument("--surrogate", default="potential", help="potential or softknn")
     p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--aligned", action="store_true",
-                   help="decision-aligned logits: their argmax is the hard vote, their gradient the surrogate's")
+    p.add_argument("--cascade", action="store_true",
+                   help="each attack only on the points the earlier ones left robust (in the order given; the "
+                        "default suite runs softknn-apgd, softknn-apgd-dlr, feature, vote-square): the same "
+                        "per-sample worst case for less work; per-attack figures become cumulative, 'on survivors'")
+    p.add_argument("--unaligned", dest="aligned", action="store_false",
+                   help="toolkit attacks on the raw surrogate logits of a k-NN defense (default: decision-aligned "
+                        "logits, whose argmax is the hard vote and whose gradient is the surrogate's, so a toolkit "
+                        "never stops on a point only the surrogate calls broken)")
     p.add_argument("--out", default="results", help="folder for the results JSON, CSV and model card")
     p.add_argument("--shard", metavar="I/N",
                    help="compute part I (from 0) of N and write it into --out; `merge` joins the parts "
@@ -196,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--surrogate", default="potential", help="potential or softknn (what the toolkit attacks follow)")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--out", default="results", help="folder for audit-*.json/.csv and the PNG plots")
+    p.add_argument("--active-test", type=int, default=0, metavar="N",
+                   help="also run the active test of attack strength on N points: planted adversarial examples "
+                        "over the defense's own embedding that every attack must find (k-NN defenses)")
+    p.add_argument("--transfer-source", metavar="ROW",
+                   help="source of the transfer attack for a defense without a config of this project (e.g. a: "
+                        "Table 2's row A); without it such an audit skips transfer and says so")
     p.add_argument("--figure3", action="store_true",
                    help="instead: draw the paper's Figure 3 (trains N_S=4, d=3 without noise if not cached)")
 
@@ -218,9 +260,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .attacks import parse_attack_list
+    from .attacks import default_attacks, parse_attack_list
     from .defenses.surrogate import SURROGATES
 
+    if args.attacks == "default":  # a model of this project is known by its config; others are k-NN until loaded
+        args.attacks = default_attacks(not (is_config_name(args.model) and
+                                            get_model_config(args.model).model.head == "logits"))
+        args.default_suite = True
     specs = parse_attack_list(args.attacks)
     eps = parse_eps(args.eps)
     overrides = _attack_overrides(args.attack_param, specs)
@@ -228,6 +274,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise UsageError(f"unknown surrogate {args.surrogate!r}; choose from {', '.join(SURROGATES)}")
     if args.n_test < 1 or (args.n_clean is not None and args.n_clean < 1) or args.batch_size < 1:
         raise UsageError("--n-test, --n-clean and --batch-size must be >= 1")
+    if max(args.n_test, args.n_clean or 0) > TEST_SET_SIZE:
+        raise UsageError(f"--n-test and --n-clean must be <= {TEST_SET_SIZE} (the size of the test set)")
     if args.shard is not None:
         from .evaluation import distributed
 
@@ -249,7 +297,7 @@ def _run_evaluate(args: argparse.Namespace, specs: list[Any], eps: list[float],
         result = benchmark_config(cfg, specs, eps, n_test=args.n_test, n_clean=args.n_clean, data_dir=args.data_dir,
                                   cache_dir=args.cache_dir, device=args.device, seed=args.seed or 0,
                                   surrogate=args.surrogate, overrides=overrides, batch_size=args.batch_size,
-                                  progress=not args.quiet, aligned=args.aligned)
+                                  progress=not args.quiet, aligned=args.aligned, cascade=args.cascade)
     else:
         result = _evaluate_loaded(args, specs, eps, overrides)
     path = save_results(result, args.out)
@@ -260,8 +308,16 @@ def _run_evaluate(args: argparse.Namespace, specs: list[Any], eps: list[float],
     print(f"{result['dataset']}, model {result['model']}: clean accuracy {result['clean_acc_full']:.2f}% "
           f"on {result['n_clean']} test images; attacks on the first {result['n_test']}")
     print(tabulate(summary_frame(result), headers="keys", tablefmt="github", showindex=False))
-    if result["rejected_attacks"]:
-        print("REJECTED (returned examples outside the threat model): " + ", ".join(result["rejected_attacks"]))
+    from .evaluation.api import suite_note
+
+    for r in result["per_eps"]:
+        print(f"ε = {r['eps'] * 255:g}/255: " + ("UNRELIABLE — " if r.get("unreliable") else "") + r["footnote"])
+    note = suite_note(result["per_eps"][0].get("families", {}), result.get("surrogate", "logits") != "logits")
+    if note:
+        print(note)
+    if result.get("invalid_examples"):
+        print("Examples outside the threat model (each counted as that attack's failure on its sample): "
+              + "; ".join(result["invalid_examples"]))
     print(f"results: {path}")
 
 
@@ -281,6 +337,10 @@ def _evaluate_loaded(args: argparse.Namespace, specs: list[Any], eps: list[float
                              f"{args.model!r} is already built")
     dev = resolve_device(args.device)
     clf, cfg, name = resolve_model(args.model, surrogate=args.surrogate, aligned=args.aligned, device=dev)
+    if getattr(args, "default_suite", False) and not hasattr(clf, "bank"):  # a logit classifier: AutoAttack
+        from .attacks import default_attacks, parse_attack_list
+
+        specs = parse_attack_list(default_attacks(False))
     require_knn(specs, clf)  # the adaptive k-NN attacks need a k-NN defense: refused before any work
     data = load_cifar10(args.data_dir)
     sources = trained_sources(data, target_cfg=cfg, cache_dir=args.cache_dir,
@@ -288,7 +348,8 @@ def _evaluate_loaded(args: argparse.Namespace, specs: list[Any], eps: list[float
     with transfer_sources(sources):
         return evaluate_classifier(clf, data, specs, eps, name=name, n_test=args.n_test, n_clean=args.n_clean,
                                    seed=args.seed or 0, overrides=overrides, batch_size=args.batch_size,
-                                   cell_dir=defense_cells(clf, data.sha256, args.cache_dir), progress=not args.quiet)
+                                   cell_dir=defense_cells(clf, data.sha256, args.cache_dir), progress=not args.quiet,
+                                   cascade=args.cascade)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -301,6 +362,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise UsageError("export takes a model of this project (full, a, ...), not a module or a file")
     if not args.out.endswith(".safetensors"):
         raise UsageError(f"--out {args.out!r} must end in .safetensors")
+    check_writable_file(args.out)  # before the training, which can take many minutes
     cfg = _model_config(args)
     trained = train_model(cfg, load_cifar10(args.data_dir), device=args.device, cache_dir=args.cache_dir,
                           progress=not args.quiet)
@@ -386,8 +448,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     from .data import load_cifar10
-    from .evaluation.gate import GateConfig, check_baseline, compare, planted, run_gate
-    from .store import read_json, write_json
+    from .evaluation.gate import GateConfig, check_baseline, compare, load_baseline, planted, run_gate
+    from .store import write_json
 
     gcfg = GateConfig(seed=args.seed, model=args.model)
     model = None
@@ -409,9 +471,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
     if args.plant:
         gcfg, noise = planted(gcfg, args.plant)
     if not args.update_baseline:
-        if not baseline_path.is_file():
-            raise UsageError(f"no gate baseline at {baseline_path}; create one with --update-baseline --message ...")
-        baseline = read_json(baseline_path)
+        baseline = load_baseline(baseline_path)  # missing, not JSON or not a gate result: refused before training
         check_baseline(baseline, gcfg)
     current = run_gate(gcfg, load_cifar10(args.data_dir), device=args.device, cache_dir=args.cache_dir,
                        perturb_model=noise, progress=not args.quiet, model=model)
@@ -486,14 +546,22 @@ def cmd_audit(args: argparse.Namespace) -> int:
     eps = parse_eps(args.eps)
     if len(eps) != 1:
         raise UsageError("audit takes one --eps value (it sweeps ε itself)")
+    if eps[0] <= 0:
+        raise UsageError(f"audit needs --eps > 0, got {args.eps!r} (at ε = 0 there is nothing to attack)")
     if args.surrogate not in SURROGATES:
         raise UsageError(f"unknown surrogate {args.surrogate!r}; choose from {', '.join(SURROGATES)}")
     if args.n_test < 1 or args.batch_size < 1:
         raise UsageError("--n-test and --batch-size must be >= 1")
+    if args.n_test > TEST_SET_SIZE:
+        raise UsageError(f"--n-test must be <= {TEST_SET_SIZE} (the size of the test set)")
+    if args.active_test < 0:
+        raise UsageError("--active-test must be >= 0 (the number of points)")
+    if args.transfer_source is not None:
+        get_model_config(args.transfer_source)  # an unknown row: one line before any work
     if is_config_name(args.model):
         res = audit(_model_config(args), eps[0], n_test=args.n_test, quick=args.quick, data_dir=args.data_dir,
                     cache_dir=args.cache_dir, device=args.device, seed=args.seed or 0, surrogate=args.surrogate,
-                    batch_size=args.batch_size, progress=not args.quiet)
+                    batch_size=args.batch_size, progress=not args.quiet, active_points=args.active_test)
     else:
         from .data import load_cifar10
         from .defenses.loading import resolve_model
@@ -506,13 +574,18 @@ def cmd_audit(args: argparse.Namespace) -> int:
                                config=cfg.to_dict() if cfg else None, target_cfg=cfg, n_test=args.n_test,
                                quick=args.quick, cache_dir=args.cache_dir, seed=args.seed or 0,
                                batch_size=args.batch_size, progress=not args.quiet,
-                               cells=defense_cells(clf, data.sha256, args.cache_dir))
+                               cells=defense_cells(clf, data.sha256, args.cache_dir),
+                               active_points=args.active_test, transfer_source=args.transfer_source)
     path = save_audit(res, args.out)
     print(f"{res['dataset']}, model {res['model']}, ε = {args.eps}, {res['n']} test images: "
           f"clean {res['clean_acc']:.1f}%")
     print(tabulate(attacks_frame(res), headers="keys", tablefmt="github", showindex=False))
     print(tabulate(res["attribution"], headers="keys", tablefmt="github"))
     print(tabulate(checks_frame(res), headers="keys", tablefmt="github", showindex=False))
+    if res.get("active_test"):
+        from .evaluation.active_test import summary
+
+        print(summary(res["active_test"]))
     print(res["verdict"]["text"])
     print(f"results: {path}")
     return 0

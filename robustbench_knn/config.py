@@ -160,9 +160,37 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def _typed_value(key: str, annotation: Any, text: str) -> Any:
+    """``text`` parsed (``parse_value``) and checked against the setting's type (``int``, ``float``, ``bool``,
+    ``str``, ``int | None``), so ``k=abc`` or ``train.epochs=2.5`` is a usage error, not a crash later. Values are
+    kept as parsed (an int for a float setting stays an int), so config hashes do not change."""
+    val = parse_value(text)
+    allowed = {t.strip() for t in str(annotation).split("|")}
+    if "str" in allowed:
+        return val if isinstance(val, str) else text
+    if val is None and "None" in allowed:
+        return None
+    if isinstance(val, bool):
+        if "bool" in allowed:
+            return val
+    elif isinstance(val, int) and allowed & {"int", "float"}:
+        return val
+    elif isinstance(val, float) and "float" in allowed:
+        if val != val or val in (float("inf"), float("-inf")):
+            raise UsageError(f"--set {key}={text}: the value must be a finite number")
+        return val
+    if not allowed <= {"int", "float", "bool", "None"}:  # a type this check does not know: as parsed
+        return val
+    want = " or ".join({"int": "an integer", "float": "a number", "bool": "true or false", "None": "null"}[t]
+                       for t in ("int", "float", "bool", "None") if t in allowed)
+    raise UsageError(f"--set {key}={text}: {key} must be {want}")
+
+
 def apply_overrides(cfg: ExperimentConfig, sets: Sequence[str]) -> ExperimentConfig:
-    """``--set section.field=value`` (e.g. train.lr=1e-4, model.w_r=64, k=5)."""
+    """``--set section.field=value`` (e.g. train.lr=1e-4, model.w_r=64, k=5); every value is checked against
+    the setting's type before the config is built (bad input: ``UsageError``)."""
     sections: dict[str, Any] = {}
+    top = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
     for item in sets:
         key, sep, val = item.partition("=")
         if not sep:
@@ -171,9 +199,10 @@ def apply_overrides(cfg: ExperimentConfig, sets: Sequence[str]) -> ExperimentCon
         if name:
             if section not in ("model", "loss", "train") or name not in getattr(cfg, section).__dataclass_fields__:
                 raise UsageError(f"unknown setting {key!r}")
-            sections.setdefault(section, {})[name] = parse_value(val)
+            field_ = getattr(cfg, section).__dataclass_fields__[name]
+            sections.setdefault(section, {})[name] = _typed_value(key, field_.type, val)
         elif section == "k":
-            sections["k"] = int(val)
+            sections["k"] = _typed_value(key, top["k"].type, val)
         else:
             raise UsageError(f"unknown setting {key!r}")
     out = cfg.replace(**sections)

@@ -25,13 +25,24 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(user_cache_dir("robustbench-knn"))
 
 
-def model_dir(cfg: ExperimentConfig, cache_dir: str | os.PathLike | None = None) -> Path:
-    """``models/<name>-<config hash>``; a finished model of the same hash under another name is that model
-    (the hash covers everything that changes the weights), so it is found and reused, not retrained."""
+def model_dir(cfg: ExperimentConfig, cache_dir: str | os.PathLike | None = None,
+              dataset_sha: str | None = None) -> Path:
+    """``models/<name>-<config hash>-<data>``, ``<data>`` the first 8 hex digits of the training data set's
+    sha256: the config hash leaves the data out, so the data is in the key and a model is only found for the
+    data it was trained on (``train_model`` also checks the full hash its train log records). A finished model
+    of the same config hash and data under another name is that model, so it is found and reused, not retrained.
+
+    Without ``dataset_sha``: ``models/<name>-<config hash>``, the folder of caches from before the data was in
+    the key (for callers that do not pass it yet; a model in it may have been trained on any data)."""
     models = cache_root(cache_dir) / "models"
-    own = models / f"{cfg.name}-{cfg.config_hash()}"
+    key = cfg.config_hash()
+    if dataset_sha is not None:
+        if len(dataset_sha) < 8 or any(c not in "0123456789abcdef" for c in dataset_sha.lower()):
+            raise ValueError(f"dataset_sha must be a hex sha256, got {dataset_sha!r}")
+        key = f"{key}-{dataset_sha[:8].lower()}"
+    own = models / f"{cfg.name}-{key}"
     if not (own / "train_log.json").is_file() and models.is_dir():
-        for other in sorted(models.glob(f"*-{cfg.config_hash()}")):
+        for other in sorted(models.glob(f"*-{key}")):
             if (other / "train_log.json").is_file() and (other / "weights.safetensors").is_file():
                 return other
     return own

@@ -15,6 +15,14 @@ from .conftest import TINY_CFG
 CHEAP = {"steps": 5, "n_queries": 30}
 
 
+def _other_model():
+    """A random linear classifier: a transfer source that shares no weights with the attacked model."""
+    from robustbench_knn.defenses.defense import ModuleClassifier
+
+    torch.manual_seed(0)
+    return ModuleClassifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)))
+
+
 def _cheap(spec):
     return {k: v for k, v in CHEAP.items() if k in spec.defaults}
 
@@ -25,7 +33,7 @@ def test_every_registered_attack_returns_valid_examples(key, tiny_clf, tiny_data
     sub = tiny_data.test.head(12)
     x, y = sub.floats(), sub.y
     eps = 8 / 255
-    with transfer_sources(lambda name, seed, target: target):  # transfer: any source will do for validity
+    with transfer_sources(lambda name, seed, target: _other_model()):  # transfer: any other model will do
         x_adv = spec.build(tiny_clf, eps, **_cheap(spec))(x, y)
     rep = check_adversarial(x, x_adv, eps)
     assert rep.ok, (key, rep)

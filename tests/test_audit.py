@@ -54,7 +54,6 @@ def test_audit_passes_an_honest_model(tiny_clf, tiny_data):
     assert res["verdict"]["trusted"], res["verdict"]["text"]
     assert checks["adaptive/all vs standard"] == "PASS" and checks["zero/non-finite gradients"] == "PASS"
     assert checks["gradient-free not stronger"] == "PASS" and checks["large ε: worst case"] == "PASS"
-    assert res["upper_bound_acc"] <= res["reported_acc"] <= res["clean_acc"]
     worst = torch.tensor(res["worst_case_robust"], dtype=torch.bool)
     assert res["upper_bound_acc"] == pytest.approx(100 * worst.float().mean().item(), abs=0.01)
 

@@ -83,7 +83,7 @@ def _assert_same_as_reference(emb, bank, labels, k, n_spaces, n_classes, chunk):
     want_v, want_d = reference_knn_votes(emb, bank, labels, k=k, n_spaces=n_spaces, n_classes=n_classes)
     got_v, got_d = knn_votes(emb, bank, labels, k=k, n_spaces=n_spaces, n_classes=n_classes, chunk=chunk)
     assert torch.equal(got_v, want_v)
-    torch.testing.assert_close(got_d, want_d, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got_d, want_d, rtol=1e-5, atol=1e-4, check_dtype=False)
     assert torch.equal(vote_decision(got_v, got_d), vote_decision(want_v, want_d))
     dense_v, _ = knn_votes(emb, bank, labels, k=k, n_spaces=n_spaces, n_classes=n_classes, chunk=chunk,
                            method="dense")
@@ -129,7 +129,7 @@ def test_votes_for_several_k_equal_one_k_at_a_time():
     labels = torch.randint(0, 4, (600,), generator=g)
     emb = torch.randint(-3, 4, (70, 4), generator=g).float()
     ks = (1, 5, 50, 200, 600)
-    for method in ("fast", "dense"):
+    for method in ("exact", "fast", "dense"):
         many = knn_votes_for_ks(emb, bank, labels, ks=ks, n_spaces=2, n_classes=4, chunk=32, method=method)
         assert set(many) == set(ks)
         for k in ks:
@@ -137,3 +137,63 @@ def test_votes_for_several_k_equal_one_k_at_a_time():
             assert torch.equal(many[k][0], one[0]) and torch.equal(many[k][1], one[1])
     with pytest.raises(ValueError, match="k=601"):
         knn_votes_for_ks(emb, bank, labels, ks=(5, 601), n_spaces=2, n_classes=4)
+
+
+def near_tie_data(n_bank=600, n_query=40, width=6, seed=8):
+    """Points around a far-away centre at distinct distances a float32 matrix product cannot resolve
+    (|a|² + |b|² − 2ab cancels ~6 significant digits at |a| ≈ 1000), plus exact duplicates (ties)."""
+    g = torch.Generator().manual_seed(seed)
+    centre = torch.full((width,), 1000.0)
+    step = 2.0 ** -13  # representable offsets around 1000 in float32
+    bank = centre + step * torch.randint(-40, 41, (n_bank, width), generator=g).float()
+    bank[n_bank // 2:n_bank // 2 + 50] = bank[:50]  # duplicated points: ties broken by the lower index
+    labels = torch.randint(0, 5, (n_bank,), generator=g)
+    emb = centre + step * torch.randint(-40, 41, (n_query, width), generator=g).float()
+    return emb, bank, labels
+
+
+def brute_knn64(emb, bank, labels, k, n_spaces, n_classes):
+    return brute_knn(emb.double(), bank.double(), labels, k, n_spaces, n_classes)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_decision_is_exact_and_the_same_in_any_batch(k, device):
+    emb, bank, labels = near_tie_data()
+    want = brute_knn64(emb, bank, labels, k, 2, 5).to(device)
+    emb, bank, labels = emb.to(device), bank.to(device), labels.to(device)
+    for batch in (1, 7, 500):
+        got = torch.cat([knn_predict(emb[i:i + batch], bank, labels, k=k, n_spaces=2, n_classes=5)
+                         for i in range(0, len(emb), batch)])
+        assert torch.equal(got, want), batch
+        votes, dsum = knn_votes(emb[:batch], bank, labels, k=k, n_spaces=2, n_classes=5)
+        full_v, full_d = knn_votes(emb, bank, labels, k=k, n_spaces=2, n_classes=5)
+        assert torch.equal(votes, full_v[:batch]) and torch.equal(dsum, full_d[:batch])
+
+
+def test_float32_decision_is_not_exact_on_near_ties():
+    # the planted bug the test above catches: deciding by the float32 distances (the "fast" method) gets
+    # these points wrong, so the data really needs the float64 decision
+    emb, bank, labels = near_tie_data()
+    fast = knn_predict(emb, bank, labels, k=5, n_spaces=2, n_classes=5, method="fast")
+    assert not torch.equal(fast, brute_knn64(emb, bank, labels, 5, 2, 5))
+
+
+def test_both_decision_paths_give_the_same_bits(monkeypatch):
+    # a row goes through the candidates or, near a tie at their edge, through every column; which one depends on
+    # float32 rounding and so on the batch. Planted bug caught: summing the class distances in another order on
+    # the two paths (a matrix product on one, a scatter on the other), which flips near-tied votes by batch.
+    import robustbench_knn.defenses.knn as knn
+
+    g = torch.Generator().manual_seed(9)
+    bank = torch.randn(2000, 8, generator=g) * 3
+    labels = torch.randint(0, 4, (2000,), generator=g)
+    emb = torch.randn(64, 8, generator=g) * 3
+    monkeypatch.setattr(knn, "REL_TOL", -1.0)  # never wide: every row from the candidates
+    v1, d1 = knn_votes(emb, bank, labels, k=50, n_spaces=2, n_classes=4)
+    monkeypatch.setattr(knn, "REL_TOL", 1e9)  # always wide: every row over every column
+    v2, d2 = knn_votes(emb, bank, labels, k=50, n_spaces=2, n_classes=4)
+    assert torch.equal(v1, v2) and torch.equal(d1, d2)

@@ -138,16 +138,18 @@ def test_toolkits_and_audit_take_a_user_function(user_dir, tiny_data_dir, tmp_pa
     assert main(["toolkits", *common, "--attacks", "kfgsm,pgd", "--out", str(user_dir / "tk2")]) == 0
 
 
-def test_aligned_logits_leave_no_surrogate_only_successes(tmp_path, tiny_data_dir, cache_dir):
-    common = ["--model", "full", *(x for s in TINY_SETS for x in ("--set", s)), "--attacks", "aa:apgd,ta:pgd",
-              "--eps", "16/255", "--n-test", "40", "--data-dir", str(tiny_data_dir), "--cache-dir", str(cache_dir),
+def test_toolkits_run_on_aligned_logits_unless_turned_off(tmp_path, tiny_data_dir, cache_dir):
+    # planted bug caught: the default left unaligned (the first file would be "-unaligned" / aligned false), or
+    # --unaligned not reaching the model
+    common = ["--model", "full", *(x for s in TINY_SETS for x in ("--set", s)), "--attacks", "aa:apgd",
+              "--eps", "16/255", "--n-test", "20", "--data-dir", str(tiny_data_dir), "--cache-dir", str(cache_dir),
               "--device", "cpu", "--quiet", "--out", str(tmp_path)]
-    assert main(["evaluate", *common, "--aligned"]) == 0
-    (path,) = tmp_path.glob("evaluate-full-*-potential-aligned.json")
-    res = json.loads(path.read_text())
-    assert res["aligned"] is True
-    for cell in res["per_eps"][0]["attacks"].values():
-        assert cell["surrogate_fooled_decision_right"] == 0  # the logits' argmax is the vote on every input
+    assert main(["evaluate", *common]) == 0
+    (path,) = tmp_path.glob("evaluate-full-*-potential.json")
+    assert json.loads(path.read_text())["aligned"] is True
+    assert main(["evaluate", *common, "--unaligned"]) == 0
+    (path,) = tmp_path.glob("evaluate-full-*-potential-unaligned.json")
+    assert json.loads(path.read_text())["aligned"] is False
 
 
 def test_gate_takes_a_user_function(user_dir, tiny_data, tiny_data_dir, capsys):
@@ -166,4 +168,6 @@ def test_gate_takes_a_user_function(user_dir, tiny_data, tiny_data_dir, capsys):
     assert current["model"]["clean_acc"] == pytest.approx(
         100 * (clf.predict(tiny_data.test.head(30).floats()) == tiny_data.test.head(30).y).float().mean().item(),
         abs=0.01)
-    assert compare(current, current, gcfg.tol_acc, gcfg.tol_points) == []
+    worse = json.loads(json.dumps(current))
+    worse["model"]["clean_acc"] -= 20  # planted regression: the gate must name it
+    assert compare(current, worse, gcfg.tol_acc, gcfg.tol_points)  # baseline first, then the current run

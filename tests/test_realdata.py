@@ -24,5 +24,6 @@ def test_real_cifar10_subset_trains_and_attacks(real_data_dir, tmp_path):
     assert acc > 0.15  # well above chance (10%) after a few hundred noisy steps
     res = run_attacks(clf, test.floats()[:50], test.y[:50], [get_attack("kfgsm")], [8 / 255], progress=False)
     r = res["per_eps"][0]
-    assert r["attacks"]["native:kfgsm"]["valid"] and r["attacks"]["native:kfgsm"]["robust_acc"] <= r["clean_acc"]
+    # an undefended few-epoch model: kFGSM at 8/255 breaks points, validly
+    assert r["attacks"]["native:kfgsm"]["n_invalid"] == 0 and r["attacks"]["native:kfgsm"]["robust_acc"] < r["clean_acc"]
     assert torch.isfinite(clf.bank).all()

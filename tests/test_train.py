@@ -1,11 +1,25 @@
+import shutil
+
 import pytest
 import torch
 
+from robustbench_knn.config import UsageError
+from robustbench_knn.data import load_cifar10, write_batches
 from robustbench_knn.paper import train as train_mod
 from robustbench_knn.paper.train import lr_factor, train_model
-from robustbench_knn.store import load_tensors
+from robustbench_knn.store import load_tensors, model_dir
 
-from .conftest import TINY_CFG
+from .conftest import TINY_CFG, make_tiny_split
+
+
+@pytest.fixture(scope="module")
+def other_data(tmp_path_factory):
+    """Another tiny data set (other prototypes and noise, so another sha256) of the same shape as ``tiny_data``."""
+    gen = torch.Generator().manual_seed(1)
+    protos = (torch.rand(10, 3, 32, 32, generator=gen) > 0.5).float()
+    root = tmp_path_factory.mktemp("otherdata")
+    write_batches(root, make_tiny_split(40, protos, gen), make_tiny_split(10, protos, gen))
+    return load_cifar10(root, download=False)
 
 
 def test_cached_model_is_reused(tiny_trained, tiny_data, cache_dir):
@@ -64,3 +78,51 @@ def test_untrained_keeps_initialisation(tiny_data, tmp_path):
     m = train_model(cfg, tiny_data, device="cpu", cache_dir=tmp_path, progress=False)
     assert m.log["epochs"] == []
     assert all((layer.branch[-1].weight == 0).all() for layer in [*m.net.dec, m.net.cl])
+
+
+def test_cached_model_is_only_served_for_the_data_it_was_trained_on(tiny_data, other_data, tmp_path, monkeypatch):
+    cfg = TINY_CFG.replace(name="swap", train={"epochs": 1})
+    assert other_data.sha256[:8] != tiny_data.sha256[:8]
+    a = train_model(cfg, tiny_data, device="cpu", cache_dir=tmp_path, progress=False)
+    b = train_model(cfg, other_data, device="cpu", cache_dir=tmp_path, progress=False)  # same config, other data
+    assert not b.from_cache and b.path != a.path and other_data.sha256[:8] in b.path.name
+    assert b.log["dataset_sha256"] == other_data.sha256 and a.log["dataset_sha256"] == tiny_data.sha256
+    assert not torch.equal(a.net.ots.weight, b.net.ots.weight)
+    # both stay cached, each found (under another name too) for its own data only
+    monkeypatch.setattr(train_mod, "objective", lambda *args, **kw: pytest.fail("retrained a cached model"))
+    for data, want in ((tiny_data, a), (other_data, b)):
+        again = train_model(cfg.replace(name="swap-renamed"), data, device="cpu", cache_dir=tmp_path, progress=False)
+        assert again.from_cache and again.path == want.path and again.log["dataset_sha256"] == data.sha256
+        assert torch.equal(again.net.ots.weight, want.net.ots.weight)
+
+
+@pytest.mark.parametrize("state", ["finished", "partial"])
+def test_model_of_other_data_in_the_folder_is_refused(state, tiny_data, other_data, tmp_path, monkeypatch):
+    """The check on load: a model (or an interrupted run's checkpoint) whose train log records other data is
+    never served nor resumed, even from the folder keyed by this data (copied there, a prefix collision)."""
+    cfg = TINY_CFG.replace(name="planted", train={"epochs": 2})
+    if state == "partial":  # killed in epoch 2: partial.safetensors holds epoch 1 trained on tiny_data
+        real, calls = train_mod.objective, {"n": 0}
+
+        def dying(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 4 + 1:  # 400 images / batch 100: the first step of epoch 2
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(train_mod, "objective", dying)
+        with pytest.raises(KeyboardInterrupt):
+            train_model(cfg, tiny_data, device="cpu", cache_dir=tmp_path, progress=False)
+        monkeypatch.setattr(train_mod, "objective", real)
+    else:
+        train_model(cfg, tiny_data, device="cpu", cache_dir=tmp_path, progress=False)
+    own = model_dir(cfg, tmp_path, tiny_data.sha256)
+    assert (own / ("partial.safetensors" if state == "partial" else "weights.safetensors")).is_file()
+    planted = model_dir(cfg, tmp_path, other_data.sha256)
+    assert planted != own
+    shutil.copytree(own, planted)
+    with pytest.raises(UsageError) as err:
+        train_model(cfg, other_data, device="cpu", cache_dir=tmp_path, progress=False)
+    msg = str(err.value)
+    assert tiny_data.sha256 in msg and other_data.sha256 in msg and "\n" not in msg
+    assert sorted(p.name for p in planted.iterdir()) == sorted(p.name for p in own.iterdir())  # nothing overwritten

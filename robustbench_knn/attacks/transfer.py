@@ -11,6 +11,7 @@ silently doing something else.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -90,6 +91,26 @@ def trained_sources(data: Any, *, target_cfg: ExperimentConfig | None = None, ca
     return provide
 
 
+def _tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def shared_weights(source: torch.nn.Module, target: torch.nn.Module, min_numel: int = 1024) -> str | None:
+    """The name of a learned weight tensor (a parameter of at least ``min_numel`` values, not constant) that
+    ``source`` and ``target`` hold with the same values, or None. Compares values, not configs: a transfer must
+    never come from the attacked weights. Buffers (normalisation statistics, banks) and constant tensors (a
+    zero-initialised branch) are the same in unrelated models, so they are left out."""
+    def learned(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: t for k, t in m.named_parameters() if t.numel() >= min_numel and bool((t != t.flatten()[0]).any())}
+
+    src = {_tensor_digest(t): k for k, t in learned(source).items()}
+    shapes = {tuple(t.shape) for t in learned(source).values()}
+    for t in learned(target).values():
+        if tuple(t.shape) in shapes and (name := src.get(_tensor_digest(t))):
+            return name
+    return None
+
+
 @register("transfer", "native", {"source": "a", "source_seed": None, "craft": "apgd", "steps": 100},
           "adaptive: transfer from another model (source = a config.MODELS row at the target's size; "
           "crafted with APGD-CE on its logits or kfgsm on its objective)")
@@ -105,6 +126,11 @@ class Transfer(Attack):
         get_model_config(str(params["source"]))  # a clear error for an unknown name before any work
         seed = params["source_seed"]
         self.source = get_source(str(params["source"]), None if seed is None else int(seed), model)
+        shared = shared_weights(self.source, model)
+        if shared:
+            raise UsageError(f"transfer: the source {params['source']!r} shares weights with the attacked defense "
+                             f"({shared}): that is a white-box attack, not a transfer; choose another source or "
+                             f"source_seed")
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         steps = int(self.params["steps"])

@@ -35,6 +35,11 @@ class BaseClassifier(nn.Module):
     def attack_objective(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def settings(self) -> dict[str, Any]:
+        """Every setting besides the weights and bank that changes an attack's outcome (the decision rule, the
+        surrogate and its parameters, the loss constants): part of a cached result's key."""
+        return {"class": type(self).__name__, "n_classes": self.n_classes}
+
     @property
     def device(self) -> torch.device:
         for t in itertools.chain(self.parameters(), self.buffers()):
@@ -99,14 +104,15 @@ class KNNDefense(BaseClassifier):
     ``"cosine"`` (Euclidean distance between unit-normalised embeddings: the same neighbours as cosine
     distance) or ``"sum-l2:N"`` (the paper's sum of Euclidean distances over N equal sub-spaces). ``surrogate``:
     ``"softknn"`` (default), or ``"potential"`` (the paper's, needs its loss constants ``lam`` and ``l0``).
-    ``aligned=True`` makes ``forward`` decision-aligned: its argmax is the hard vote on every input while its
-    gradient stays the surrogate's, so a toolkit never stops on a point the vote still classifies correctly.
+    ``aligned`` (default True) makes ``forward`` decision-aligned: its argmax is the hard vote on every input
+    while its gradient stays the surrogate's, so a toolkit never stops on a point the vote still classifies
+    correctly (``aligned=False`` gives the raw surrogate logits, for studying the surrogate itself).
     """
 
     def __init__(self, embedding: nn.Module, bank_labels: torch.Tensor, *, bank_images: torch.Tensor | None = None,
                  bank_embeddings: torch.Tensor | None = None, k: int = 800, metric: str = "l2",
                  surrogate: str = "softknn", n_classes: int | None = None, lam: float | None = None,
-                 l0: float | None = None, aligned: bool = False, batch_size: int = 1024,
+                 l0: float | None = None, aligned: bool = True, batch_size: int = 1024,
                  **surrogate_options: float) -> None:
         super().__init__()
         if not isinstance(embedding, nn.Module):
@@ -140,6 +146,7 @@ class KNNDefense(BaseClassifier):
         self.lam, self.l0 = lam, l0
         self.aligned = bool(aligned)
         self.surrogate_name = surrogate
+        self.surrogate_options = dict(surrogate_options)
         self.surrogate = make_surrogate(surrogate, self, **surrogate_options)
 
     def with_surrogate(self, surrogate: str, **surrogate_options: float) -> "KNNDefense":
@@ -150,8 +157,14 @@ class KNNDefense(BaseClassifier):
         new.__dict__ = {**self.__dict__, "_modules": dict(self._modules), "_buffers": dict(self._buffers),
                         "_parameters": dict(self._parameters)}
         new.surrogate_name = surrogate
+        new.surrogate_options = dict(surrogate_options)
         new.surrogate = make_surrogate(surrogate, new, **surrogate_options)
         return new
+
+    def settings(self) -> dict[str, Any]:
+        opts = {k: getattr(self.surrogate, k) for k in ("m", "temperature") if hasattr(self.surrogate, k)}
+        return {**super().settings(), "k": self.k, "metric": self.metric, "surrogate": self.surrogate_name,
+                "surrogate_options": opts, "lam": self.lam, "l0": self.l0, "aligned": self.aligned}
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         e = self.net(x).flatten(1)
@@ -168,6 +181,10 @@ class KNNDefense(BaseClassifier):
                 decision = vote_decision(*self._votes_of(emb.detach()))
             logits = aligned_logits(logits, decision)
         return logits
+
+    def surrogate_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The surrogate's own logits, never aligned (for checking how well it agrees with the vote)."""
+        return self.surrogate(self.embed(x))
 
     @torch.no_grad()
     def votes(self, x: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,13 @@ Deterministic tie rules:
   training index is taken first;
 - votes: plurality; among classes tied for the most votes, the one whose selected neighbours have the
   smaller summed distance (the "closer" class) wins, then the lower class index.
+
+One judge: a point's decision does not depend on the batch it is in. Float32 matrix products (the fast
+distance path) round differently for different batch shapes, so they only *propose* candidates: the k+slack
+nearest by float32. The final neighbours, their order and the distance sums come from float64 distances
+computed row by row from the differences (no matrix product), the same numbers in any batch. A row whose
+float32 k-th and last candidate distances are too close to rule out a rounding swap goes through the exact
+rule over every column in float64.
 """
 
 from __future__ import annotations
@@ -17,6 +24,69 @@ import torch.nn.functional as F
 from ..distances import pairwise_distance
 
 DEFAULT_CHUNK = 256
+REL_TOL = 1e-3  # float32 distances (|a|²+|b|²−2ab) are trusted to this relative error when proposing candidates
+FIXED_POINT = 2.0 ** 20  # distance sums for the vote's tie rule are added as integers in these units
+ROWS_F64 = 16  # rows per float64 block: (rows × candidates × width) doubles stay small for wide embeddings
+
+
+def exact_distances(emb: torch.Tensor, points: torch.Tensor, n_spaces: int) -> torch.Tensor:
+    """Float64 sum-over-sub-spaces ℓ2 distance from each row of ``emb`` (n, W) to its own points (n, c, W),
+    from the differences (each value depends on its own row only: the same in any batch)."""
+    n, c, w = points.shape
+    d = w // n_spaces
+    diff = points.double() - emb.double()[:, None, :]
+    return diff.reshape(n, c, n_spaces, d).pow(2).sum(-1).sqrt().sum(-1)
+
+
+def _exact_order(emb: torch.Tensor, bank: torch.Tensor, n: int, n_spaces: int, col_chunk: int = 4096
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``n`` nearest training points of each row by float64 distance over every column, in (distance,
+    training index) order, one row at a time (for rows with near ties at the candidates' edge only)."""
+    idx = torch.empty(len(emb), n, dtype=torch.long, device=emb.device)
+    dist = torch.empty(len(emb), n, dtype=torch.float64, device=emb.device)
+    for r in range(len(emb)):
+        row = torch.cat([exact_distances(emb[r:r + 1], bank[None, s:s + col_chunk], n_spaces)
+                         for s in range(0, len(bank), col_chunk)], 1)[0]
+        order = torch.sort(row, stable=True).indices[:n]  # columns are in index order: ties keep the lower index
+        idx[r], dist[r] = order, row[order]
+    return idx, dist
+
+
+def _refine(emb: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, dist: torch.Tensor, ks: Sequence[int],
+            n_spaces: int, n_classes: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Votes and distance sums of one chunk for every k: candidates from float32 ``dist`` (enough for the largest
+    k), ordered in float64 by (distance, training index). The class sums are added in fixed point (int64, units of
+    2⁻²⁰), so they do not depend on the order of addition: the same on any device, in any batch."""
+    rows, n = dist.shape
+    k_max = max(ks)
+    c = min(n, k_max + max(16, k_max // 4))
+    vals, idx = torch.topk(dist, c, dim=1, largest=False, sorted=True)
+    order_idx = torch.empty(rows, k_max, dtype=torch.long, device=dist.device)
+    order_d = torch.empty(rows, k_max, dtype=torch.float64, device=dist.device)
+    for s in range(0, rows, ROWS_F64):
+        cand = idx[s:s + ROWS_F64]
+        d64 = exact_distances(emb[s:s + ROWS_F64], bank[cand], n_spaces)
+        by_index = cand.sort(1)  # (distance, training index) order: by index, then a stable sort by distance
+        d64, cand = d64.gather(1, by_index.indices), by_index.values
+        order = torch.sort(d64, dim=1, stable=True).indices[:, :k_max]
+        order_idx[s:s + ROWS_F64], order_d[s:s + ROWS_F64] = cand.gather(1, order), d64.gather(1, order)
+    if c < n:  # near ties at the candidates' edge: float32 rounding could hide a true neighbour beyond them
+        wide = torch.zeros(rows, dtype=torch.bool, device=dist.device)
+        for k in ks:
+            wide |= vals[:, c - 1] - vals[:, k - 1] <= REL_TOL * vals[:, k - 1] + 1e-6
+        if wide.any():
+            rows_w = wide.nonzero().squeeze(1)
+            order_idx[rows_w], order_d[rows_w] = _exact_order(emb[rows_w], bank, k_max, n_spaces)
+    fixed = torch.round(order_d * FIXED_POINT).long()
+    out = {}
+    for k in ks:
+        lab = labels[order_idx[:, :k]]
+        votes = torch.zeros(rows, n_classes, dtype=torch.long, device=dist.device)
+        votes.scatter_add_(1, lab, torch.ones_like(lab))
+        dsum = torch.zeros(rows, n_classes, dtype=torch.long, device=dist.device)
+        dsum.scatter_add_(1, lab, fixed[:, :k])  # integer sums: exact in any order
+        out[k] = (votes, dsum.double() / FIXED_POINT)
+    return out
 
 
 def _select_exact(dist: torch.Tensor, k: int) -> torch.Tensor:
@@ -69,22 +139,23 @@ def knn_votes(
     n_spaces: int = 2,
     n_classes: int = 10,
     chunk: int = DEFAULT_CHUNK,
-    method: str = "fast",
+    method: str = "exact",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vote counts (N, K) as int64 and summed neighbour distance per class (N, K). ``method``: "fast"
-    (``topk`` indices, the exact rule only for rows tied at the k-th distance) or "dense" (the exact rule on
-    every row); both give the same votes."""
+    """Vote counts (N, K) as int64 and summed neighbour distance per class (N, K), float64. ``method``:
+    "exact" (the default: float32 candidates decided in float64, the same for a point in any batch), "fast"
+    (float32 ``topk``, the exact rule only for rows tied at the k-th distance) or "dense" (float32, the exact
+    rule on every row); the float32 methods are kept for the speed bench."""
     return knn_votes_for_ks(emb, train_emb, train_labels, ks=(k,), n_spaces=n_spaces, n_classes=n_classes,
                             chunk=chunk, method=method)[k]
 
 
 def knn_votes_for_ks(emb: torch.Tensor, train_emb: torch.Tensor, train_labels: torch.Tensor, *, ks: Sequence[int],
-                     n_spaces: int = 2, n_classes: int = 10, chunk: int = DEFAULT_CHUNK, method: str = "fast"
+                     n_spaces: int = 2, n_classes: int = 10, chunk: int = DEFAULT_CHUNK, method: str = "exact"
                      ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """:func:`knn_votes` for several k from one pass over the distances (choosing k on a validation split:
     the distances, not the votes, are the cost)."""
-    if method not in ("fast", "dense"):
-        raise ValueError(f"method must be 'fast' or 'dense', not {method!r}")
+    if method not in ("exact", "fast", "dense"):
+        raise ValueError(f"method must be 'exact', 'fast' or 'dense', not {method!r}")
     for k in ks:
         if not 1 <= k <= len(train_emb):
             raise ValueError(f"k={k} must be in [1, {len(train_emb)}] (the size of the training bank)")
@@ -93,11 +164,16 @@ def knn_votes_for_ks(emb: torch.Tensor, train_emb: torch.Tensor, train_labels: t
     with torch.no_grad():
         for start in range(0, len(emb), chunk):
             dist = pairwise_distance(emb[start:start + chunk], train_emb, n_spaces, workspace=workspace)
-            for k in ks:
-                parts[k].append(_vote_chunk(dist, train_labels, k, n_classes, method))
+            if method == "exact":
+                refined = _refine(emb[start:start + chunk], train_emb, train_labels, dist, ks, n_spaces, n_classes)
+                for k in ks:
+                    parts[k].append(refined[k])
+            else:
+                for k in ks:
+                    parts[k].append(_vote_chunk(dist, train_labels, k, n_classes, method))
     if not len(emb):
         return {k: (torch.zeros(0, n_classes, dtype=torch.long, device=emb.device),
-                    torch.zeros(0, n_classes, dtype=train_emb.dtype, device=emb.device)) for k in ks}
+                    torch.zeros(0, n_classes, dtype=torch.float64, device=emb.device)) for k in ks}
     return {k: (torch.cat([v for v, _ in p]), torch.cat([d for _, d in p])) for k, p in parts.items()}
 
 

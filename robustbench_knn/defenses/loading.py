@@ -76,7 +76,7 @@ def export_model(clf: BaseClassifier, cfg: ExperimentConfig, path: str | os.Path
     return path
 
 
-def load_exported(path: str | os.PathLike, *, surrogate: str = "potential", aligned: bool = False,
+def load_exported(path: str | os.PathLike, *, surrogate: str = "potential", aligned: bool = True,
                   device: str | torch.device = "cpu") -> tuple[BaseClassifier, ExperimentConfig]:
     """An exported file back as a classifier (and its config); no pickled code is ever executed."""
     from ..paper.classifier import KNNClassifier, LogitClassifier
@@ -101,7 +101,7 @@ def load_exported(path: str | os.PathLike, *, surrogate: str = "potential", alig
     return KNNClassifier(net, tensors["bank"], tensors["bank_labels"], cfg, surrogate, aligned=aligned), cfg
 
 
-def resolve_model(text: str, *, surrogate: str = "potential", aligned: bool = False,
+def resolve_model(text: str, *, surrogate: str = "potential", aligned: bool = True,
                   device: str | torch.device = "cpu") -> tuple[BaseClassifier | None, ExperimentConfig | None, str]:
     """``--model`` → (classifier or None, config or None, name). A config name gives (None, cfg, name): the
     command trains or loads it; the other forms give a ready classifier."""
@@ -112,6 +112,6 @@ def resolve_model(text: str, *, surrogate: str = "potential", aligned: bool = Fa
         clf, cfg = load_exported(text, surrogate=surrogate, aligned=aligned, device=device)
         return clf, cfg, Path(text).stem
     clf = load_from_function(text)
-    if aligned and hasattr(clf, "aligned"):
-        clf.aligned = True
+    if hasattr(clf, "aligned"):  # the command line's choice (aligned unless --unaligned) wins
+        clf.aligned = aligned
     return clf.to(device), None, text.partition(":")[2]

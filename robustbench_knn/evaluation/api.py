@@ -18,13 +18,16 @@ from typing import Any, Iterator, Sequence
 
 import pandas as pd
 
-from ..attacks import AttackSpec, parse_attack_list
+from ..attacks import AttackSpec, default_attacks, parse_attack_list
 from ..attacks.transfer import transfer_sources, trained_sources
 from ..config import UsageError, get_model_config
 from ..defenses.defense import BaseClassifier, KNNDefense, as_classifier
 from ..store import write_json
+from .cards import annotate_reliability, card_of, model_card
 from .evaluate import run_attacks, versions
-from .experiment import DATASET_NAME, _eps_label
+from .experiment import DATASET_NAME, cell_dir, defense_cells
+
+__all__ = ["BenchmarkResult", "benchmark", "model_card", "require_knn", "suite_note"]
 
 # Attacks that read the k-NN bank (they need a KNNDefense); the others only need logits.
 NEEDS_BANK = {"native:feature", "native:softknn-apgd", "native:softknn-apgd-dlr", "native:vote-square"}
@@ -48,10 +51,10 @@ class BenchmarkResult:
     def to_frame(self) -> pd.DataFrame:
         """One row per attack, then the worst case."""
         cells = self.raw["per_eps"][0]["attacks"]
-        rows = [{"attack": k, "robust_acc": c.get("robust_acc"), "valid": c["valid"], "seconds": c["seconds"],
+        rows = [{"attack": k, "robust_acc": c.get("robust_acc"), "invalid": c.get("n_invalid", 0), "seconds": c["seconds"],
                  "zero_grad_frac": c["zero_or_nonfinite_grad_frac"],
                  "surrogate_only": c["surrogate_fooled_decision_right"]} for k, c in cells.items()]
-        rows.append({"attack": "worst case", "robust_acc": self.robust_acc, "valid": True})
+        rows.append({"attack": "worst case", "robust_acc": self.robust_acc})
         return pd.DataFrame(rows)
 
     def per_sample(self) -> pd.DataFrame:
@@ -64,10 +67,15 @@ class BenchmarkResult:
         df["robust worst case"] = r["per_eps"][0]["worst_case_robust"]
         return df
 
+    @property
+    def unreliable(self) -> bool:
+        """True when an audit of this model and ε, or else a cheap check of this run, failed."""
+        return bool(self.raw["per_eps"][0]["unreliable"])
+
     def model_card(self) -> dict[str, Any]:
-        """RobustBench's ``model_info`` fields, with the per-sample worst case in place of ``autoattack_acc``."""
-        return model_card(self.name, self.raw["dataset"], self.eps, self.clean_acc, self.robust_acc,
-                          self.per_attack, self.n_examples)
+        """RobustBench's ``model_info`` fields, with the per-sample worst case in place of ``autoattack_acc`` and
+        ``unreliable`` from an audit of the same model and ε, else from this run's cheap checks."""
+        return card_of(self.name, self.raw["dataset"], self.raw["per_eps"][0], self.n_examples)
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """``<name>.json`` (everything), ``<name>.csv`` (per sample) and ``<name>.model-card.json``."""
@@ -80,24 +88,6 @@ class BenchmarkResult:
         return out / f"{self.name}.json"
 
 
-def model_card(name: str, dataset: str, eps: float, clean_acc: float, robust_acc: float,
-               per_attack: dict[str, float], n_examples: int, unreliable: bool | None = None,
-               footnote: str | None = None) -> dict[str, Any]:
-    """RobustBench's ``model_info`` fields (accuracies as strings in %, as there), with the per-sample worst case
-    over every attack in place of ``autoattack_acc`` and the per-attack breakdown; ``unreliable`` comes from a
-    masking audit's verdict (None: no audit was run)."""
-    return {
-        "name": name, "dataset": "cifar10", "dataset_detail": dataset, "threat_model": "Linf",
-        "eps": _eps_label(eps),
-        "clean_acc": f"{clean_acc:.2f}", "reported": None, "worst_case_robust_acc": f"{robust_acc:.2f}",
-        "autoattack_acc": None, "unreliable": unreliable, "n_examples": n_examples,
-        "footnote": footnote or ("Robust accuracy is the per-sample worst case over the attacks listed, judged by "
-                                 "the model's own decision (the hard vote of a k-NN); no masking audit was run "
-                                 "(`robustbench-knn audit`), so 'unreliable' is unknown."),
-        "attacks": {k: f"{v:.2f}" for k, v in per_attack.items()},
-    }
-
-
 def require_knn(specs: Sequence[AttackSpec], clf: BaseClassifier) -> None:
     """The adaptive k-NN attacks read a bank: refuse them on a plain classifier before any work."""
     needs = [s.key for s in specs if s.key in NEEDS_BANK]
@@ -106,23 +96,42 @@ def require_knn(specs: Sequence[AttackSpec], clf: BaseClassifier) -> None:
                          f"(wrap an embedding in KNNDefense, or leave them out)")
 
 
-def _specs(attacks: str | Sequence[str], clf: BaseClassifier) -> list[AttackSpec]:
-    specs = parse_attack_list(attacks if isinstance(attacks, str) else ",".join(attacks))
+def resolve_attacks(attacks: str | Sequence[str], clf: BaseClassifier) -> list[AttackSpec]:
+    """Attack names or groups → specs; ``"default"`` is the default suite for this kind of model."""
+    text = attacks if isinstance(attacks, str) else ",".join(attacks)
+    text = ",".join(default_attacks(isinstance(clf, KNNDefense)) if n.strip() == "default" else n
+                    for n in text.split(","))
+    specs = parse_attack_list(text)
     require_knn(specs, clf)
     return specs
 
 
-def benchmark(model: Any, *, n_examples: int = 1000, eps: float = 8 / 255, attacks: str | Sequence[str] = "standard",
+def suite_note(families: dict[str, str], is_knn: bool) -> str | None:
+    """One line when a k-NN defense's worst case comes from surrogate-guided attacks only (what it is, and how to
+    get the audited figure); None when the suite has an adaptive or gradient-free attack."""
+    adaptive = any(k in NEEDS_BANK or f in ("gradient-free", "transfer") for k, f in families.items())
+    if not is_knn or adaptive:
+        return None
+    return ("Note: this worst case is an upper bound from surrogate-guided attacks only; the default suite "
+            "(leave out --attacks) adds attacks on the k-NN vote itself, and `robustbench-knn audit` gives the "
+            "audited figure.")
+
+
+def benchmark(model: Any, *, n_examples: int = 1000, eps: float = 8 / 255, attacks: str | Sequence[str] = "default",
               data_dir: str | None = None, device: str = "auto", out: str | os.PathLike | None = None,
               seed: int = 0, name: str | None = None, batch_size: int = 250, cache_dir: str | None = None,
-              progress: bool = True) -> BenchmarkResult:
+              progress: bool = True, resume: bool = True, cascade: bool = False) -> BenchmarkResult:
     """Clean and robust accuracy of ``model`` on the first ``n_examples`` CIFAR-10 test images at ℓ∞ ``eps``.
 
     ``model``: a ``KNNDefense``, any ``nn.Module`` returning class logits, or one of this project's model names
-    (``"full"``: trained or loaded from the cache). ``attacks``: names or groups as on the command line
-    (``"standard"``, ``"adaptive"``, ``"all"``, ``"kfgsm,aa:apgd"``); the adaptive k-NN attacks need a
-    ``KNNDefense``, and ``transfer`` crafts on Table 2's row A at FULL's size (trained once, cached).
-    ``out``: also save JSON, per-sample CSV and a RobustBench-style model card there.
+    (``"full"``: trained or loaded from the cache). ``attacks``: ``"default"`` (on a k-NN defense the adaptive
+    attacks on the vote and a gradient-free one, on a logit classifier AutoAttack standard), or names and groups
+    as on the command line (``"standard"``, ``"adaptive"``, ``"all"``, ``"kfgsm,aa:apgd"``); the adaptive k-NN
+    attacks need a ``KNNDefense``; ``transfer`` crafts on Table 2's row A (trained once, cached). ``out``: also
+    save JSON, per-sample CSV and a RobustBench-style model card there. ``resume``: finished attack cells are
+    cached by the defense's weights, bank and settings and reused. ``cascade``: each attack runs only on
+    the points the earlier ones left robust (the same worst case for less work; per-attack figures are then
+    cumulative, "on survivors").
     """
     from ..data import load_cifar10
     from ..devices import resolve_device
@@ -147,24 +156,37 @@ def benchmark(model: Any, *, n_examples: int = 1000, eps: float = 8 / 255, attac
     else:
         clf = as_classifier(model)
         name = name or type(model).__name__
-    specs = _specs(attacks, clf)
+    specs = resolve_attacks(attacks, clf)
     clf = clf.to(dev)
     sub = data.test.head(min(n_examples, len(data.test)))
     x, y = sub.floats(), sub.y
     t0 = time.perf_counter()
-    sources = trained_sources(data, target_cfg=target_cfg, cache_dir=cache_dir, device=dev, progress=progress)
+    cells = None
+    if resume:
+        cells = (cell_dir(target_cfg, _tag(clf), data.sha256, cache_dir) if isinstance(model, str)
+                 else defense_cells(clf, data.sha256, cache_dir))
+    sources = trained_sources(data, target_cfg=target_cfg if isinstance(model, str) else None, cache_dir=cache_dir,
+                              device=dev, progress=progress)
     with transfer_sources(sources), distributed.use(part):
         res = run_attacks(clf, x, y, specs, [float(eps)], batch_size=batch_size, progress=progress and part.writer,
-                          seed=seed)
+                          seed=seed, cell_dir=cells, cascade=cascade)
+    annotate_reliability(res, clf, x[:batch_size].to(dev), cells)
     cell = res["per_eps"][0]
     raw = {"name": name, "dataset": DATASET_NAME, "dataset_sha256": data.sha256, "eps": float(eps), "seed": seed,
            "device": str(dev), "versions": versions(), "attacks": [s.key for s in specs], "labels": y.tolist(),
-           "processes": part.world if part.group else 1,
+           "processes": part.world if part.group else 1, "surrogate": getattr(clf, "surrogate_name", "logits"),
+           "aligned": bool(getattr(clf, "aligned", False)),
+           "note": suite_note(cell["families"], isinstance(clf, KNNDefense)),
            "wall_seconds": round(time.perf_counter() - t0, 1), **res}
     result = BenchmarkResult(
         name=name, eps=float(eps), n_examples=len(x), clean_acc=cell["clean_acc"],
         robust_acc=cell["worst_case_acc"],
-        per_attack={k: c["robust_acc"] for k, c in cell["attacks"].items() if c["valid"]}, raw=raw)
+        per_attack={k: c["robust_acc"] for k, c in cell["attacks"].items()}, raw=raw)
     if out is not None and part.writer:
         result.save(out)
     return result
+
+
+def _tag(clf: BaseClassifier) -> str:
+    """The cell folder's tag of a model of this project: its surrogate, and whether its logits are aligned."""
+    return getattr(clf, "surrogate_name", "logits") + ("" if getattr(clf, "aligned", True) else "-unaligned")

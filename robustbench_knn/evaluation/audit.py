@@ -18,10 +18,14 @@ from typing import Any
 import pandas as pd
 import torch
 
-from ..attacks import STANDARD_SUITE, AttackSpec, get_attack, input_gradient, parse_attack_list
+from ..attacks import STANDARD_SUITE, get_attack, parse_attack_list
 from ..attacks.adaptive import ADAPTIVE_SUITE
 from ..attacks.transfer import transfer_sources, trained_sources
 from ..config import ExperimentConfig, UsageError
+from .cards import save_audit_record
+from .audit_checks import (active_checks, bound_check, attack_checks, iteration_checks, model_checks, sweep_checks,
+                           verdict)
+from .checks import binomial_tol, family_of
 from .evaluate import robust_mask, run_attacks, versions
 
 QUICK_STANDARD = ("kfgsm", "aa:apgd")
@@ -34,27 +38,8 @@ QUICK_OVERRIDES = {"native:feature": {"steps": 30, "n_targets": 2}, "native:soft
 ITER_PARAMS = ("steps", "n_queries", "restarts")  # doubled by the convergence check
 
 
-@dataclass
-class Check:
-    """One check. ``decides``: a FAIL here means the reported number itself is contradicted or the bound is not
-    established (NOT TRUSTED); other checks diagnose the standard attacks (masking signs) and only warn when
-    the adaptive attacks confirm the number anyway."""
-
-    name: str
-    verdict: str  # PASS | WARN | FAIL
-    numbers: str
-    why: str
-    decides: bool = False
-
-
 # ------------------------------------------------------------------------------------------- attack helpers
-def attack_family(spec: AttackSpec, clf: torch.nn.Module) -> str:
-    """white-box / gradient-free / transfer: the adaptive attacks say so; others by their gradient source."""
-    family = getattr(spec.factory, "family", None)
-    if family is None:
-        attack = spec.build(clf, 1 / 255)
-        family = "gradient-free" if attack.gradient_source is None else "white-box"
-    return family
+attack_family = family_of
 
 
 def _acc(mask: torch.Tensor) -> float:
@@ -63,113 +48,6 @@ def _acc(mask: torch.Tensor) -> float:
 
 def _scaled(params: dict[str, Any], factor: float) -> dict[str, Any]:
     return {k: max(1, round(v * factor)) for k, v in params.items() if k in ITER_PARAMS}
-
-
-def guide_gradient_bad_frac(clf: torch.nn.Module, spec: AttackSpec, eps: float, x: torch.Tensor, y: torch.Tensor,
-                            params: dict[str, Any]) -> float | None:
-    """Fraction of points whose gradient of the loss an adaptive white-box attack follows is zero or
-    non-finite (``run_attacks`` counts this only for surrogate/objective-guided attacks)."""
-    attack = spec.build(clf, eps, **params)
-    if not hasattr(attack, "guide_loss") or getattr(attack, "family", "") != "white-box" or len(x) == 0:
-        return None
-    grad = input_gradient(lambda z: attack.guide_loss(z, y), x).flatten(1)
-    return round(((grad == 0).all(1) | ~torch.isfinite(grad).all(1)).float().mean().item(), 4)
-
-
-# --------------------------------------------------------------------------------------------------- checks
-def _gt(a: float, b: float, tol: float) -> bool:
-    return a > b + tol
-
-
-def model_checks(clf: torch.nn.Module, x: torch.Tensor, tol_agree: float = 90.0) -> list[Check]:
-    """AutoAttack's check_randomized and check_range_output, and whether the surrogate agrees with the vote."""
-    with torch.no_grad():
-        preds = [clf.predict(x) for _ in range(3)]
-        outs = [clf(x) for _ in range(2)]
-    same = all(torch.equal(preds[0], p) for p in preds[1:]) and torch.allclose(outs[0], outs[1], atol=1e-5)
-    checks = [Check("deterministic", "PASS" if same else "WARN", f"3 calls {'agree' if same else 'DIFFER'}",
-                    "a randomised decision needs EOT attacks; fixed-input attacks overestimate its robustness")]
-    out = outs[0]
-    probs = bool(out.min() > -1e-5 and out.max() < 1 + 1e-5 and ((out.sum(1) - 1).abs() < 1e-5).all())
-    checks.append(Check("logits not probabilities", "WARN" if probs else "PASS",
-                        f"outputs in [{out.min():.3g}, {out.max():.3g}]",
-                        "CE on probabilities saturates and hides gradients (AutoAttack check_range_output)"))
-    agree = 100 * (out.argmax(1) == preds[0]).float().mean().item()
-    checks.append(Check("surrogate agrees with decision", "PASS" if agree >= tol_agree else "WARN",
-                        f"{agree:.1f}% of points",
-                        "surrogate-guided attacks aim at the surrogate's decision, not the judged one"))
-    return checks
-
-
-def attack_checks(r: dict[str, Any], families: dict[str, str], standard: list[str], tol: float,
-                  extra_zero: dict[str, float]) -> list[Check]:
-    """Checks from one ε's results: validity, adaptive vs standard, gradient-free/transfer vs white-box,
-    zero gradients."""
-    att = r["attacks"]
-    acc = {k: a["robust_acc"] for k, a in att.items() if a["valid"]}
-    bad = [k for k, a in att.items() if not a["valid"]]
-    checks = [Check("valid examples", "FAIL" if bad else "PASS", f"{len(bad)} of {len(att)} attacks rejected",
-                    "an attack returned points outside the threat model: " + ", ".join(bad) if bad else
-                    "every example finite, in [0, 1] and inside the ε-ball", decides=True)]
-    std_wb = [k for k in standard if families.get(k) == "white-box" and k in acc]
-    best_wb = min((acc[k] for k in std_wb), default=None)
-    for fam, name in (("gradient-free", "gradient-free not stronger"), ("transfer", "transfer not stronger")):
-        ks = [k for k in acc if families.get(k) == fam]
-        if not ks or best_wb is None:
-            continue
-        k_min = min(ks, key=lambda k: acc[k])
-        fail = _gt(best_wb, acc[k_min], tol)
-        checks.append(Check(name, "FAIL" if fail else "PASS",
-                            f"{k_min} {acc[k_min]:.1f}% vs best standard white-box {best_wb:.1f}%",
-                            f"a {fam} attack beating gradient attacks means the gradients are masked"))
-    zero = {k: att[k]["zero_or_nonfinite_grad_frac"] for k in att if families.get(k) == "white-box"}
-    zero.update(extra_zero)
-    worst_k = max(zero, key=zero.get) if zero else None
-    frac = zero.get(worst_k, 0.0) if worst_k else 0.0
-    checks.append(Check("zero/non-finite gradients", "PASS" if frac == 0 else "WARN" if frac <= 0.05 else "FAIL",
-                        f"max {100 * frac:.1f}% ({worst_k})" if worst_k else "no white-box attack",
-                        "points with a zero or non-finite guiding gradient cannot be attacked by it "
-                        "(AutoAttack check_zero_gradients)"))
-    return checks
-
-
-def sweep_checks(curves: dict[str, list[tuple[float, float]]], std_key: str, n_classes: int, tol: float
-                 ) -> list[Check]:
-    """Accuracy must reach ~0 at a large ε (Carlini et al. §5.2) and not rise with ε."""
-    chance = 100 / n_classes
-    checks = []
-    for label, key, decides in (("large ε: standard attack", std_key, False),
-                                ("large ε: worst case", "worst case", True)):
-        if key not in curves:
-            continue
-        eps_max, acc = curves[key][-1]
-        verdict = "PASS" if acc <= chance / 2 else "WARN" if acc <= chance else "FAIL"
-        checks.append(Check(label, verdict, f"{acc:.1f}% at ε = {eps_max * 255:.0f}/255 ({key})",
-                            "an (almost) unbounded attack must succeed; accuracy above chance means it is not "
-                            "finding adversarial examples", decides))
-    rises = {k: max((c[j][1] - c[i][1] for i in range(len(c)) for j in range(i + 1, len(c))), default=0.0)
-             for k, c in curves.items()}
-    k_max = max(rises, key=rises.get)
-    checks.append(Check("monotone in ε", "WARN" if rises[k_max] > tol else "PASS",
-                        f"largest rise {rises[k_max]:.1f} points ({k_max})",
-                        "accuracy rising with ε means the attack is not converging (step sizes, masking)"))
-    return checks
-
-
-def iteration_checks(pairs: dict[str, tuple[float, float]], fgsm: tuple[float, float] | None, tol: float
-                     ) -> list[Check]:
-    """Doubling steps/restarts must not lower accuracy much; one step must not beat many (Carlini et al.)."""
-    checks = []
-    for key, (base, doubled) in pairs.items():
-        checks.append(Check(f"2× iterations: {key}", "WARN" if _gt(base, doubled, tol) else "PASS",
-                            f"{base:.1f}% → {doubled:.1f}%",
-                            "an attack still improving with more steps/restarts has not converged"))
-    if fgsm is not None:
-        one, many = fgsm
-        checks.append(Check("iterative beats single-step", "FAIL" if _gt(many, one, tol) else "PASS",
-                            f"FGSM {one:.1f}% vs kFGSM {many:.1f}%",
-                            "a single step beating the iterative attack means the iterations are misled"))
-    return checks
 
 
 # ---------------------------------------------------------------------------------------------- the audit
@@ -258,16 +136,17 @@ def run_audit(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
               adaptive: list[str] | tuple[str, ...] = ADAPTIVE_SUITE,
               sweep_eps: list[float] | tuple[float, ...] = SWEEP_EPS,
               overrides: dict[str, dict[str, Any]] | None = None, steps_factors: tuple[float, ...] = (0.5, 2.0),
-              tol: float = 2.0, batch_size: int = 250, seed: int = 0, cell_dir: str | os.PathLike | None = None,
-              progress: bool = False) -> dict[str, Any]:
+              batch_size: int = 250, seed: int = 0, cell_dir: str | os.PathLike | None = None,
+              progress: bool = False, active_points: int = 0, notes: list[str] | None = None) -> dict[str, Any]:
     """Audit ``clf`` on images ``x`` at ``eps``; returns checks, verdict, per-attack and per-sample results.
 
-    ``tol`` (accuracy points, at least one sample) is how much a stronger attack may lower accuracy before it
-    counts. ``steps_factors`` are the step/restart multiples run for the accuracy-vs-steps curve of kFGSM and
-    of the strongest adaptive white-box attack; the factor 2 is the convergence check.
+    Two figures count as different when they differ by more than the binomial confidence interval of the
+    standard suite's figure at the number of audited points (at least one point's worth). ``steps_factors`` are the step/restart multiples run for the accuracy-vs-steps curve of kFGSM and
+    of the strongest adaptive white-box attack; the factor 2 is the convergence check. ``active_points`` > 0
+    runs the active test of attack strength on that many points (k-NN defenses). ``notes``: sentences about
+    attacks left out (e.g. a transfer without a source), carried into the verdict.
     """
     t0 = time.perf_counter()
-    tol = max(tol, 100 / len(x))
     overrides = dict(overrides or {})
     opts: dict[str, Any] = {"batch_size": batch_size, "progress": progress, "seed": seed}
     if cell_dir is not None:
@@ -306,54 +185,51 @@ def run_audit(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         if name in std_valid:
             robust_std &= rob
     dev = getattr(clf, "device", x.device)
-    xs, ys = x[clean.to(x.device)][:batch_size].to(dev), y[clean.to(y.device)][:batch_size].to(dev)
-    extra_zero = {k: f for k in wb_adaptive
-                  if (f := guide_gradient_bad_frac(clf, get_attack(k), eps, xs, ys, params[k])) is not None}
     reported, bound = _acc(robust_std), _acc(robust_all)
-    checks = [Check("adaptive/all vs standard", "FAIL" if _gt(reported, bound, tol) else "PASS",
-                    f"standard suite {reported:.1f}% → all attacks {bound:.1f}%",
-                    "attacks that go after the k-NN vote itself find what the standard suite missed", decides=True)]
-    checks += attack_checks(r, families, std_keys, tol, extra_zero)
+    tol = binomial_tol(reported, len(x))
+    checks = [bound_check(reported, bound, tol)]
+    checks += attack_checks(r, families, std_keys, tol)
     checks += sweep_checks(curves, strongest_std, getattr(clf, "n_classes", 10), tol)
     checks += iteration_checks(iter_pairs, fgsm, tol)
     checks += model_checks(clf, x[:batch_size].to(dev))
+    active = None
+    if active_points:
+        from .active_test import active_test
+
+        active = active_test(clf, x, y, eps, specs, n_points=active_points, seed=seed, batch_size=batch_size,
+                             overrides=overrides, progress=progress)
+        checks += active_checks(active, std_keys)
     first, table = attribution(order, clean)
     return {
         "eps": eps, "n": len(x), "tol": tol, "clean_acc": r["clean_acc"], "standard": std_keys,
         "families": families, "robust_acc": acc, "reported_acc": reported, "upper_bound_acc": bound,
         "n_attack_runs": len(order), "checks": [asdict(c) for c in checks],
-        "verdict": verdict(checks, reported, bound, len(order)), "eps_curves": curves, "steps_curves": steps_curves,
+        "verdict": verdict(checks, reported, bound, len(order), sorted({families[k] for k in adp_valid}),
+                           notes or []),
+        "active_test": active, "notes": notes or [], "eps_curves": curves, "steps_curves": steps_curves,
         "attribution": table.to_dict("records"), "first_breaker": first,
         "worst_case_robust": robust_all.int().tolist(), "main": main,
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
 
 
-def verdict(checks: list[Check], reported: float, bound: float, n_runs: int) -> dict[str, Any]:
-    """Plain words: can the standard suite's number be trusted, and the best upper bound on true robustness.
-
-    Trusted unless a deciding check fails; failed diagnostic checks (masking signs in the standard attacks)
-    are named as warnings when the adaptive attacks confirm the number anyway."""
-    failed = [c.name for c in checks if c.verdict == "FAIL" and c.decides]
-    signs = [c.name for c in checks if c.verdict == "FAIL" and not c.decides]
-    warned = [c.name for c in checks if c.verdict == "WARN"]
-    status = "NOT TRUSTED" if failed else "TRUSTED WITH WARNINGS" if signs or warned else "TRUSTED"
-    parts = [f"{status}: the standard suite's robust accuracy {reported:.1f}% "
-             + (f"cannot be trusted (failed: {', '.join(failed)})" if failed else
-                "is confirmed by the adaptive, gradient-free and transfer attacks")]
-    if signs:
-        parts.append(f"masking signs in the attacks: {', '.join(signs)}")
-    if warned:
-        parts.append(f"warnings: {', '.join(warned)}")
-    text = "; ".join(parts) + (f". Best upper bound on the true robust accuracy: {bound:.1f}% (per-sample worst "
-                               f"case over {n_runs} attack runs).")
-    return {"status": status, "trusted": not failed, "failed": failed, "masking_signs": signs, "warned": warned,
-            "text": text, "reported_acc": reported, "upper_bound_acc": bound}
+def transfer_unavailable(clf: torch.nn.Module, target_cfg: ExperimentConfig | None, source: str | None,
+                         params: dict[str, Any]) -> str | None:
+    """Why ``transfer`` cannot give evidence on this defense (None: it can): no source named for a defense
+    without a config of this project, or a source whose weights the defense shares (a white-box attack then)."""
+    if target_cfg is None and getattr(clf, "cfg", None) is None and source is None:
+        return ("the defense has no config of this project, so no source at its size is known; name one with "
+                "--transfer-source, e.g. a")
+    try:
+        get_attack("native:transfer").build(clf, 1 / 255, **params)
+    except UsageError as e:
+        return str(e)
+    return None
 
 
 def audit(cfg: ExperimentConfig, eps: float, *, n_test: int = 500, quick: bool = False, data_dir: str | None = None,
           cache_dir: str | None = None, device: str = "auto", seed: int = 0, surrogate: str = "potential",
-          batch_size: int = 250, progress: bool = True) -> dict[str, Any]:
+          batch_size: int = 250, progress: bool = True, active_points: int = 0) -> dict[str, Any]:
     """Train or load ``cfg`` (as ``benchmark_config`` does) and audit it on the first ``n_test`` test images."""
     from ..data import load_cifar10
     from ..devices import resolve_device
@@ -368,7 +244,7 @@ def audit(cfg: ExperimentConfig, eps: float, *, n_test: int = 500, quick: bool =
     clf = build_classifier(train_model(cfg, data, device=dev, cache_dir=cache_dir, progress=progress), surrogate)
     return audit_classifier(clf, data, eps, name=cfg.name, config_hash=cfg.config_hash(), config=cfg.to_dict(),
                             target_cfg=cfg, n_test=n_test, quick=quick, cache_dir=cache_dir, seed=seed,
-                            batch_size=batch_size, progress=progress,
+                            batch_size=batch_size, progress=progress, active_points=active_points,
                             cells=cell_dir(cfg, surrogate, data.sha256, cache_dir))
 
 
@@ -376,24 +252,36 @@ def audit_classifier(clf: torch.nn.Module, data: Any, eps: float, *, name: str, 
                      config: dict[str, Any] | None = None, target_cfg: ExperimentConfig | None = None,
                      n_test: int = 500, quick: bool = False, cache_dir: str | None = None, seed: int = 0,
                      batch_size: int = 250, progress: bool = True,
-                     cells: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Audit any defense through its interface (adaptive k-NN attacks where it has a bank; ``transfer``
-    crafts on Table 2's row A at ``target_cfg``'s size, FULL's by default)."""
+                     cells: str | os.PathLike | None = None, active_points: int = 0,
+                     transfer_source: str | None = None) -> dict[str, Any]:
+    """Audit any defense through its interface (adaptive k-NN attacks where it has a bank). ``transfer`` crafts
+    on Table 2's row A at ``target_cfg``'s size; a defense without a config of this project needs
+    ``transfer_source`` named (a row of ``config.MODELS``, at FULL's size), else transfer is skipped and the
+    verdict says so, and a source that shares the defense's weights is skipped likewise."""
     from .experiment import DATASET_NAME
 
     if n_test < 1:
         raise UsageError("--n-test must be >= 1")
     sub = data.test.head(min(n_test, len(data.test)))
-    adaptive = ADAPTIVE_SUITE if hasattr(clf, "bank") else ("transfer",)
+    adaptive = list(ADAPTIVE_SUITE if hasattr(clf, "bank") else ("transfer",))
     sources = trained_sources(data, target_cfg=target_cfg, cache_dir=cache_dir,
                               device=clf.device, progress=progress)
+    overrides = dict(QUICK_OVERRIDES if quick else {})
+    if transfer_source is not None:
+        overrides["native:transfer"] = {**overrides.get("native:transfer", {}), "source": transfer_source}
+    notes = []
     with transfer_sources(sources):
+        why = transfer_unavailable(clf, target_cfg, transfer_source, overrides.get("native:transfer", {}))
+        if why and "transfer" in adaptive:
+            adaptive.remove("transfer")
+            notes.append(f"transfer was not run ({why})")
         result = run_audit(clf, sub.floats(), sub.y, eps,
                            standard=QUICK_STANDARD if quick else STANDARD_SUITE, adaptive=adaptive,
                            sweep_eps=QUICK_SWEEP_EPS if quick else SWEEP_EPS,
-                           overrides=QUICK_OVERRIDES if quick else None,
-                           steps_factors=(2.0,) if quick else (0.25, 0.5, 2.0), batch_size=batch_size, seed=seed,
-                           cell_dir=cells, progress=progress)
+                           overrides=overrides, steps_factors=(2.0,) if quick else (0.25, 0.5, 2.0),
+                           batch_size=batch_size, seed=seed, cell_dir=cells, progress=progress,
+                           active_points=active_points, notes=notes)
+    save_audit_record(cells, result)
     return {"model": name, "config": config, "config_hash": config_hash, "dataset": DATASET_NAME,
             "dataset_sha256": data.sha256, "surrogate": getattr(clf, "surrogate_name", "logits"), "quick": quick,
             "seed": seed, "device": str(clf.device), "versions": versions(), **result}

@@ -1,7 +1,8 @@
 """Evaluation engine: clean accuracy, then each attack at each ε, judged by ``predict`` (the real decision).
 
-Every adversarial example is checked (finite, inside [0, 1], within ε of its clean image); an attack that
-violates this is rejected and reported, never silently clipped. A sample is robust at an ε only if it is
+Every adversarial example is checked (finite, inside [0, 1], within ε of its clean image), never silently
+clipped: an example outside the threat model is a failure of that attack on that sample only (the attack's valid
+breaks still count), and each cell reports how many it returned. A sample is robust at an ε only if it is
 correctly classified clean and survives every attack run at that ε (the per-sample worst case).
 """
 
@@ -45,7 +46,8 @@ class ValidityReport:
 
 
 @torch.no_grad()
-def check_adversarial(x: torch.Tensor, x_adv: torch.Tensor, eps: float) -> ValidityReport:
+def valid_examples(x: torch.Tensor, x_adv: torch.Tensor, eps: float) -> tuple[torch.Tensor, ValidityReport]:
+    """Per sample: is ``x_adv`` finite, inside [0, 1] and within ℓ∞ ``eps`` of ``x``; and the counts."""
     if x_adv.shape != x.shape:
         raise AttackViolation(f"attack returned shape {tuple(x_adv.shape)} for input {tuple(x.shape)}")
     flat = x_adv.flatten(1)
@@ -53,15 +55,25 @@ def check_adversarial(x: torch.Tensor, x_adv: torch.Tensor, eps: float) -> Valid
     box = ((flat >= -TOL) & (flat <= 1 + TOL)).all(1)
     linf = (x_adv - x).flatten(1).abs().amax(1)
     linf = torch.where(finite, linf, torch.full_like(linf, float("inf")))
-    return ValidityReport(int((~finite).sum()), int((~box).sum()), int((linf > eps + TOL).sum()),
-                          float(linf[finite].max()) if finite.any() else float("inf"))
+    ball = linf <= eps + TOL
+    rep = ValidityReport(int((~finite).sum()), int((~box).sum()), int((~ball).sum()),
+                         float(linf[finite].max()) if finite.any() else float("inf"))
+    return finite & box & ball, rep
+
+
+def check_adversarial(x: torch.Tensor, x_adv: torch.Tensor, eps: float) -> ValidityReport:
+    return valid_examples(x, x_adv, eps)[1]
 
 
 def bad_gradient_mask(clf: torch.nn.Module, attack: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Points whose guiding input-gradient at the clean point is exactly zero or non-finite (AutoAttack check)."""
-    if attack.gradient_source is None:
+    """Points whose guiding input-gradient at the clean point is exactly zero or non-finite (AutoAttack check):
+    the surrogate's or objective's for the toolkits and kFGSM, the loss an adaptive white-box attack follows
+    (its ``guide_loss``) for those; gradient-free and transfer attacks follow none."""
+    if getattr(attack, "family", "white-box") == "white-box" and hasattr(attack, "guide_loss"):
+        grad = input_gradient(lambda z: attack.guide_loss(z, y), x)
+    elif attack.gradient_source is None:
         return torch.zeros(len(x), dtype=torch.bool)
-    if attack.gradient_source == "objective":
+    elif attack.gradient_source == "objective":
         grad = input_gradient(lambda z: clf.attack_objective(z, y), x)
     else:
         grad = input_gradient(lambda z: F.cross_entropy(clf(z), y, reduction="none"), x)
@@ -103,6 +115,7 @@ def batch_seed(cell: int, batch: int) -> int:
 
 
 SEEDING = "per-batch"  # in every cell's name: cells of the older per-cell seeding are never mixed in
+VALIDITY = "per-sample"  # likewise: cells from when one invalid example rejected the whole cell are not reused
 PREDICT_BLOCK = 1000  # clean predictions run in fixed blocks of the global index (and are split by them)
 
 
@@ -131,8 +144,13 @@ def run_attacks(
     seed: int = 0,
     cell_dir: str | os.PathLike | None = None,
     clean_pred: torch.Tensor | None = None,
+    cascade: bool = False,
 ) -> dict[str, Any]:
     """Attack ``x`` (floats in [0, 1]) with every spec at every ε; return per-ε, per-attack and per-sample results.
+
+    ``cascade``: at each ε the attacks run in the order given, each only on the points no earlier attack broke
+    (as AutoAttack's own ensemble does): the same per-sample worst case for less work, and each attack's figure
+    is then cumulative, "on survivors" (``on_survivors`` in its cell).
 
     Only clean-correct points are attacked (the others are never robust), as AutoAttack does, in global batches
     of ``batch_size`` of them; this process runs the batches its partition owns (``distributed.current()``) and a
@@ -145,19 +163,27 @@ def run_attacks(
     clean_pred = predict_split(clf, x) if clean_pred is None else clean_pred.cpu()
     clean_ok = clean_pred == y.cpu()
     idx = torch.nonzero(clean_ok).squeeze(1)
-    # the weights and bank themselves, not the config: a retrain elsewhere may differ in the last bits
-    data_fp = _fingerprint(x, y, batch_size, *clf.state_dict().values()) if cell_dir is not None else ""
+    # the weights and bank themselves, not the config (a retrain elsewhere may differ in the last bits), every
+    # setting that changes an outcome (decision rule, surrogate and its parameters, loss constants) and the
+    # versions of this package and the toolkits: a fixed bug or a new release never serves an old outcome
+    settings = clf.settings() if hasattr(clf, "settings") else {"class": type(clf).__name__}
+    data_fp = (_fingerprint(x, y, batch_size, settings, versions(), *clf.state_dict().values())
+               if cell_dir is not None else "")
     cells: dict[tuple[float, str], dict[str, Any]] = {}
     n_batches = (len(idx) + batch_size - 1) // batch_size
     mine = sum(part.owns(b) for b in range(n_batches))
     bar = tqdm(total=len(eps_list) * len(specs) * mine, desc="attacks", unit="batch",
                disable=not progress or not part.writer)
     for eps in eps_list:
+        survivors = clean_ok.clone()
         for spec in specs:
             params = {**spec.defaults, **overrides.get(spec.key, {})}
+            if cascade:  # only the points every earlier attack left robust; their set is part of the cell's key
+                idx = torch.nonzero(survivors).squeeze(1)
             path = None
             if cell_dir is not None:
-                name = f"{spec.key.replace(':', '_')}-eps{eps:.6f}-{_fingerprint(data_fp, params, seed, SEEDING)}"
+                key = _fingerprint(data_fp, params, seed, SEEDING, VALIDITY, *((idx,) if cascade else ()))
+                name = f"{spec.key.replace(':', '_')}-eps{eps:.6f}-{key}"
                 path = Path(cell_dir) / f"{name}.json"
             part_path = path.with_suffix(f".{part.tag}.json") if path is not None and part.world > 1 else None
             if path is not None and path.is_file():
@@ -179,6 +205,9 @@ def run_attacks(
                     write_json(path, entry)
                 if path is not None and (path.is_file() or part_path is not None):  # kept elsewhere now
                     _drop_batches(path.with_suffix(".batches"), own["batches"])
+            if cascade:
+                entry = {**entry, "on_survivors": True}
+                survivors &= robust_mask(entry)
             cells[(eps, spec.key)] = entry
     bar.close()
     return {"n": len(x), "clean_pred": clean_pred.tolist(), "clean_correct": clean_ok.int().tolist(),
@@ -195,23 +224,26 @@ def _drop_batches(batch_dir: Path, batches: list[int]) -> None:
 
 def assemble(clean_ok: torch.Tensor, eps_list: list[float], keys: list[str],
              cells: dict[tuple[float, str], dict[str, Any]]) -> dict[str, Any]:
-    """Per ε: every attack's cell, the per-sample worst case (robust = clean-correct and survives every valid
-    attack) and the attacks rejected for leaving the threat model."""
+    """Per ε: every attack's cell, the per-sample worst case (robust = clean-correct and survives every attack;
+    an attack's invalid examples are its failures on those samples) and the cells that returned any example
+    outside the threat model."""
     per_eps = []
     for eps in eps_list:
         worst = clean_ok.clone()
         attacks_out = {key: cells[(eps, key)] for key in keys}
         for entry in attacks_out.values():
-            if entry["valid"]:
-                worst &= robust_mask(entry)
+            rob = robust_mask(entry)
+            if rob is not None:
+                worst &= rob
         per_eps.append({
             "eps": eps, "clean_acc": round(100 * clean_ok.float().mean().item(), 2),
             "attacks": attacks_out,
             "worst_case_acc": round(100 * worst.float().mean().item(), 2) if attacks_out else None,
             "worst_case_robust": worst.int().tolist(),
         })
-    rejected = [f"{k} at eps={r['eps']:.4f}" for r in per_eps for k, a in r["attacks"].items() if not a["valid"]]
-    return {"per_eps": per_eps, "rejected_attacks": rejected}
+    invalid = [f"{k} at eps={r['eps']:.4f}: {a['n_invalid']} of {a['n_attacked']} examples"
+               for r in per_eps for k, a in r["attacks"].items() if a.get("n_invalid")]
+    return {"per_eps": per_eps, "invalid_examples": invalid}
 
 
 def is_complete(entry: dict[str, Any]) -> bool:
@@ -233,26 +265,24 @@ def combine_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
     viol["max_linf"] = max(p["violations"]["max_linf"] for p in parts)
     n_attacked = first["n_attacked"]
     n_bad = sum(p["n_zero_or_nonfinite_grad"] for p in parts)
-    out = {**first, "valid": all(p["valid"] for p in parts), "violations": viol,
+    out = {**first, "valid": True, "n_invalid": sum(p.get("n_invalid", 0) for p in parts), "violations": viol,
            "seconds": round(sum(p["seconds"] for p in parts), 2),
            "part_seconds_max": max(p.get("part_seconds_max", p["seconds"]) for p in parts),
            "n_zero_or_nonfinite_grad": n_bad, "zero_or_nonfinite_grad_frac": round(n_bad / max(n_attacked, 1), 4),
            "surrogate_fooled_decision_right": sum(p["surrogate_fooled_decision_right"] for p in parts),
            "batches": batches}
-    out.pop("robust", None)
-    out.pop("robust_acc", None)
-    if out["valid"]:
-        robust = torch.zeros(len(first["robust"]), dtype=torch.bool)
-        for p in parts:
-            robust |= torch.tensor(p["robust"], dtype=torch.bool)
-        out["robust_acc"] = round(100 * robust.float().mean().item(), 2)
-        out["robust"] = robust.int().tolist()
+    robust = torch.zeros(len(first["robust"]), dtype=torch.bool)
+    for p in parts:
+        robust |= torch.tensor(p["robust"], dtype=torch.bool)
+    out["robust_acc"] = round(100 * robust.float().mean().item(), 2)
+    out["robust"] = robust.int().tolist()
     return out
 
 
 def robust_mask(entry: dict[str, Any]) -> torch.Tensor | None:
-    """Per-sample robustness of a finished cell; None for a rejected attack (it proves nothing)."""
-    return torch.tensor(entry["robust"], dtype=torch.bool) if entry.get("valid") else None
+    """Per-sample robustness of a finished cell (clean-correct and not validly broken by this attack); None for
+    a cell stored before per-sample validity that was rejected whole (it holds no per-sample outcome)."""
+    return torch.tensor(entry["robust"], dtype=torch.bool) if "robust" in entry else None
 
 
 def _attack_cell(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, spec: AttackSpec,
@@ -265,7 +295,7 @@ def _attack_cell(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, idx: to
     n_batches = (len(idx) + batch_size - 1) // batch_size
     batches = [b for b in range(n_batches) if part.owns(b)]
     if not batches:  # a partition with no batch of this cell (more ranks than batches)
-        return _batch_entry(spec, params, torch.zeros(len(x), dtype=torch.bool), True, dict(_NO_VIOLATIONS), 0, 0, 0.0,
+        return _batch_entry(spec, params, torch.zeros(len(x), dtype=torch.bool), 0, dict(_NO_VIOLATIONS), 0, 0, 0.0,
                             len(idx), [], n_batches)
     entries, attack = [], None
     for b in batches:
@@ -292,37 +322,38 @@ _NO_VIOLATIONS = {"n_nonfinite": 0, "n_out_of_box": 0, "n_out_of_ball": 0, "max_
 
 
 def _attack_batch(clf: torch.nn.Module, attack: Any, x: torch.Tensor, y: torch.Tensor, sel: torch.Tensor, eps: float,
-                  seed: int) -> tuple[torch.Tensor, bool, dict[str, Any], int, int]:
-    """One global batch: (robust over all of ``x``, valid, violations, zero-gradient count, surrogate-only)."""
+                  seed: int) -> tuple[torch.Tensor, int, dict[str, Any], int, int]:
+    """One global batch: (robust over all of ``x``, invalid examples, violations, zero-gradient count,
+    surrogate-only). An invalid example is the attack's failure on that sample: it stays robust for this attack."""
     xb, yb = x[sel].to(clf.device), y[sel].to(clf.device)
     seed_batch(seed)  # attacks with random starts draw from the global generators
     x_adv = attack(xb, yb).detach()
-    rep = check_adversarial(xb, x_adv, eps)
+    ok, rep = valid_examples(xb, x_adv, eps)
     violations = {"n_nonfinite": rep.n_nonfinite, "n_out_of_box": rep.n_out_of_box,
                   "n_out_of_ball": rep.n_out_of_ball, "max_linf": rep.max_linf}
     robust = torch.zeros(len(x), dtype=torch.bool)
-    n_surrogate_only = 0
-    if rep.ok:
-        robust[sel] = right = clf.predict(x_adv).cpu() == yb.cpu()
-        with torch.no_grad():  # toolkits count a point broken when the surrogate is fooled: how often wrongly
-            n_surrogate_only = int(((clf(x_adv).argmax(1).cpu() != yb.cpu()) & right).sum())
-    return robust, rep.ok, violations, int(bad_gradient_mask(clf, attack, xb, yb).sum()), n_surrogate_only
+    judged = torch.where(ok.view(-1, *([1] * (xb.dim() - 1))), x_adv, xb)  # an invalid example is judged as its clean point
+    right = clf.predict(judged).cpu() == yb.cpu()
+    robust[sel] = right | ~ok.cpu()
+    with torch.no_grad():  # toolkits count a point broken when the surrogate is fooled: how often wrongly
+        n_surrogate_only = int(((clf(judged).argmax(1).cpu() != yb.cpu()) & right & ok.cpu()).sum())
+    return robust, int((~ok).sum()), violations, int(bad_gradient_mask(clf, attack, xb, yb).sum()), n_surrogate_only
 
 
-def _batch_entry(spec: AttackSpec, params: dict[str, Any], robust: torch.Tensor, valid: bool,
+def _batch_entry(spec: AttackSpec, params: dict[str, Any], robust: torch.Tensor, n_invalid: int,
                  violations: dict[str, Any], n_bad_grad: int, n_surrogate_only: int, seconds: float, n_attacked: int,
                  batches: list[int], n_batches: int) -> dict[str, Any]:
-    """A cell's record of the batches given (one, or none): ``combine_parts`` joins such records."""
+    """A cell's record of the batches given (one, or none): ``combine_parts`` joins such records. ``valid``
+    stays True (a cell always has per-sample outcomes); ``n_invalid`` counts the examples outside the threat
+    model, each a failure of the attack on its sample."""
     entry: dict[str, Any] = {
-        "toolkit": spec.toolkit, "params": params, "valid": valid, "violations": violations,
+        "toolkit": spec.toolkit, "params": params, "valid": True, "n_invalid": n_invalid, "violations": violations,
         "seconds": round(seconds, 2), "n_attacked": n_attacked,
         # over the attacked (clean-correct) points
         "n_zero_or_nonfinite_grad": n_bad_grad, "zero_or_nonfinite_grad_frac": round(n_bad_grad / max(n_attacked, 1), 4),
         # adversarial examples that fool the surrogate logits but not the decision (k-NN vote)
         "surrogate_fooled_decision_right": n_surrogate_only,
         "batches": batches, "n_batches": n_batches,
+        "robust_acc": round(100 * robust.float().mean().item(), 2), "robust": robust.int().tolist(),
     }
-    if valid:
-        entry["robust_acc"] = round(100 * robust.float().mean().item(), 2)
-        entry["robust"] = robust.int().tolist()
     return entry

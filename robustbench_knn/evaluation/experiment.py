@@ -22,6 +22,7 @@ from ..devices import resolve_device
 from ..paper.train import train_model
 from ..store import model_dir, write_json, write_text
 from .distributed import current
+from .cards import annotate_reliability, card_of, eps_label
 from .evaluate import predict_split, run_attacks, versions
 
 DATASET_NAME = f"{DATASET_LABEL} (JPEG q75)"
@@ -45,7 +46,8 @@ def benchmark_config(
     dataset_name: str = DATASET_NAME,
     progress: bool = True,
     resume: bool = True,
-    aligned: bool = False,
+    aligned: bool = True,
+    cascade: bool = False,
 ) -> dict[str, Any]:
     """Train (or load) ``cfg``, measure clean k-NN accuracy on ``n_clean`` test images, attack the first
     ``n_test``. With ``resume`` every finished (ε, attack) result is cached beside the model and reused."""
@@ -56,12 +58,12 @@ def benchmark_config(
     data = load_cifar10(data_dir)
     trained = train_model(cfg, data, device=dev, cache_dir=cache_dir, progress=progress)
     clf = build_classifier(trained, surrogate, aligned=aligned)
-    cells = cell_dir(cfg, surrogate + ("-aligned" if aligned else ""), data.sha256, cache_dir) if resume else None
+    cells = cell_dir(cfg, surrogate + ("" if aligned else "-unaligned"), data.sha256, cache_dir) if resume else None
     # `transfer` crafts on another model: trained (or loaded) on the same data at the target's size
     with transfer_sources(trained_sources(data, target_cfg=cfg, cache_dir=cache_dir, device=dev, progress=progress)):
         result = evaluate_classifier(clf, data, specs, eps_list, name=cfg.name, n_test=n_test, n_clean=n_clean,
                                      seed=seed, overrides=overrides, batch_size=batch_size, cell_dir=cells,
-                                     dataset_name=dataset_name, progress=progress)
+                                     dataset_name=dataset_name, progress=progress, cascade=cascade)
     head = {"model": cfg.name, "config": cfg.to_dict(), "config_hash": cfg.config_hash(), "surrogate": surrogate,
             "device": str(dev)}
     result = {**head, **{k: v for k, v in result.items() if k not in head},
@@ -76,7 +78,7 @@ def evaluate_classifier(clf: torch.nn.Module, data: Any, specs: list[AttackSpec]
                         name: str, n_test: int = 1000, n_clean: int | None = None, seed: int = 0,
                         overrides: dict[str, dict[str, Any]] | None = None, batch_size: int = 250,
                         cell_dir: str | os.PathLike | None = None, dataset_name: str = DATASET_NAME,
-                        progress: bool = True) -> dict[str, Any]:
+                        progress: bool = True, cascade: bool = False) -> dict[str, Any]:
     """Any defense, known only through its interface: clean accuracy of ``predict`` on the first ``n_clean``
     test images, every attack at every ε on the first ``n_test``; the result ``save_results`` writes."""
     t_start = time.perf_counter()
@@ -88,7 +90,8 @@ def evaluate_classifier(clf: torch.nn.Module, data: Any, specs: list[AttackSpec]
     sub = data.test.head(n_test)
     attacked = run_attacks(clf, sub.floats(), sub.y, specs, eps_list, overrides=overrides, batch_size=batch_size,
                            progress=progress, seed=seed, cell_dir=cell_dir,
-                           clean_pred=clean_pred[:n_test] if n_clean >= n_test else None)
+                           clean_pred=clean_pred[:n_test] if n_clean >= n_test else None, cascade=cascade)
+    annotate_reliability(attacked, clf, sub.floats()[:batch_size].to(clf.device), cell_dir)
     part = current()
     return {
         "model": name, "config_hash": weights_hash(clf), "dataset": dataset_name, "dataset_sha256": data.sha256,
@@ -107,7 +110,7 @@ def defense_cells(clf: torch.nn.Module, dataset_sha: str, cache_dir: str | None 
     weights and bank, so a killed ``evaluate`` resumes and another defense never reuses its cells."""
     from ..store import cache_root
 
-    tag = getattr(clf, "surrogate_name", "logits") + ("-aligned" if getattr(clf, "aligned", False) else "")
+    tag = getattr(clf, "surrogate_name", "logits") + ("" if getattr(clf, "aligned", True) else "-unaligned")
     return cache_root(cache_dir) / "defenses" / weights_hash(clf) / "cells" / f"k{getattr(clf, 'k', 0)}-{tag}-{dataset_sha[:8]}"
 
 
@@ -123,7 +126,7 @@ def weights_hash(clf: torch.nn.Module) -> str:
 
 def cell_dir(cfg: ExperimentConfig, surrogate: str, dataset_sha: str, cache_dir: str | None = None) -> Path:
     """Where finished (ε, attack) results of one model + surrogate live (k changes the decision: it is in the name)."""
-    return model_dir(cfg, cache_dir) / "cells" / f"k{cfg.k}-{surrogate}-{dataset_sha[:8]}"
+    return model_dir(cfg, cache_dir, dataset_sha) / "cells" / f"k{cfg.k}-{surrogate}-{dataset_sha[:8]}"
 
 
 def summary_frame(result: dict[str, Any]) -> pd.DataFrame:
@@ -131,7 +134,8 @@ def summary_frame(result: dict[str, Any]) -> pd.DataFrame:
     rows = []
     for r in result["per_eps"]:
         for key, a in r["attacks"].items():
-            rows.append({"eps": _eps_label(r["eps"]), "attack": key, "clean_acc": r["clean_acc"],
+            rows.append({"eps": _eps_label(r["eps"]), "attack": key + (" (on survivors)" if a.get("on_survivors") else ""),
+                         "clean_acc": r["clean_acc"],
                          "robust_acc": a.get("robust_acc", "REJECTED"),
                          "zero_grad_frac": a["zero_or_nonfinite_grad_frac"],
                          "surrogate_only": a.get("surrogate_fooled_decision_right"), "seconds": a["seconds"]})
@@ -142,18 +146,14 @@ def summary_frame(result: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _eps_label(eps: float) -> str:
-    k = eps * 255
-    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:.4g}"
+_eps_label = eps_label  # the name the table modules import
 
 
 def save_results(result: dict[str, Any], out_dir: str | os.PathLike) -> Path:
-    """``evaluate-<model>-<hash>-<surrogate>[-aligned]``: .json (everything), .csv (per attack) and
+    """``evaluate-<model>-<hash>-<surrogate>[-unaligned]``: .json (everything), .csv (per attack) and
     .model-card.json (RobustBench's fields for the first ε; the others under ``more_eps``)."""
-    from .api import model_card
-
     out = Path(out_dir)
-    tag = "-aligned" if result.get("aligned") else ""
+    tag = "" if result.get("aligned", True) else "-unaligned"
     stem = out / f"evaluate-{result['model']}-{result['config_hash']}-{result['surrogate']}{tag}"
     if "shard" in result:  # raw material for `merge`: no table or card of a part
         path = Path(f"{stem}.part-{result['shard']['index']}-of-{result['shard']['count']}.json")
@@ -163,8 +163,6 @@ def save_results(result: dict[str, Any], out_dir: str | os.PathLike) -> Path:
         return stem.with_suffix(".json")
     write_json(stem.with_suffix(".json"), result)
     write_text(stem.with_suffix(".csv"), summary_frame(result).to_csv(index=False))
-    cards = [model_card(result["model"], result["dataset"], r["eps"], r["clean_acc"], r["worst_case_acc"],
-                        {k: a["robust_acc"] for k, a in r["attacks"].items() if a["valid"]}, result["n_test"])
-             for r in result["per_eps"]]
+    cards = [card_of(result["model"], result["dataset"], r, result["n_test"]) for r in result["per_eps"]]
     write_json(Path(f"{stem}.model-card.json"), {**cards[0], "more_eps": cards[1:]})
     return stem.with_suffix(".json")

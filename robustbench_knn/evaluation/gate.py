@@ -11,8 +11,11 @@ It fails (exit 1) when
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -169,6 +172,26 @@ def compare(baseline: dict[str, Any], current: dict[str, Any], tol_acc: float, t
                 found.append(Finding("evaluation regression", f"reference {k}: baseline breaks no longer found",
                                      len(a["broken"]), len(a["broken"]) - len(lost), f"<= {tol_points} lost"))
     return found
+
+
+def load_baseline(path: str | os.PathLike) -> dict[str, Any]:
+    """The committed baseline, checked to be a gate result before any training (bad file: ``UsageError``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"no gate baseline at {path}; create one with --update-baseline --message ...")
+    try:
+        baseline = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"gate baseline {path} is not JSON ({e}); give a file written by --update-baseline") from None
+    except OSError as e:
+        raise UsageError(f"cannot read gate baseline {path}: {e.strerror or e}") from None
+    ok = isinstance(baseline, dict) and isinstance(baseline.get("settings"), dict) and all(
+        isinstance(baseline.get(w), dict) and isinstance(baseline[w].get("attacks"), dict)
+        and all(k in baseline[w] for k in ("clean_acc", "worst_case_acc")) for w in ("model", "reference"))
+    if not ok:
+        raise UsageError(f"gate baseline {path} is not a gate result (settings, model, reference); "
+                         f"give a file written by --update-baseline")
+    return baseline
 
 
 def check_baseline(baseline: dict[str, Any], gcfg: GateConfig) -> None:

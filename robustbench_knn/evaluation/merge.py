@@ -68,7 +68,8 @@ def merge_parts(parts: list[dict[str, Any]], names: list[str] | None = None) -> 
                                  f"{cell['n_batches']}")
             cells[(eps, key)] = cell
     clean_ok = torch.tensor(first["clean_correct"], dtype=torch.bool)
-    merged = {k: v for k, v in first.items() if k not in ("shard", "per_eps", "rejected_attacks", "wall_seconds")}
+    merged = {k: v for k, v in first.items() if k not in ("shard", "per_eps", "rejected_attacks", "invalid_examples",
+                                                               "wall_seconds")}
     merged.update(assemble(clean_ok, first["eps"], keys, cells))
     merged.update({"processes": len(parts), "merged_from": names,
                    "wall_seconds": max(p["wall_seconds"] for p in parts),

@@ -24,7 +24,7 @@ class KNNClassifier(KNNDefense):
     ``sum-l2:N_S``, the paper's loss constants, the ``potential`` surrogate by default)."""
 
     def __init__(self, net: IdResNet, bank: torch.Tensor, bank_labels: torch.Tensor, cfg: ExperimentConfig,
-                 surrogate: str = "potential", *, aligned: bool = False, **surrogate_options: float) -> None:
+                 surrogate: str = "potential", *, aligned: bool = True, **surrogate_options: float) -> None:
         super().__init__(net, bank_labels, bank_embeddings=bank, k=cfg.k, metric=f"sum-l2:{cfg.model.n_spaces}",
                          surrogate=surrogate, n_classes=cfg.model.n_classes, lam=cfg.loss.lam, l0=cfg.loss.l0,
                          aligned=aligned, **surrogate_options)
@@ -39,7 +39,7 @@ class LogitClassifier(ModuleClassifier):
 
 
 def build_classifier(trained: TrainedModel, surrogate: str = "potential", *, cache_bank: bool = True,
-                     aligned: bool = False, **surrogate_options: float) -> BaseClassifier:
+                     aligned: bool = True, **surrogate_options: float) -> BaseClassifier:
     """Wrap a trained model; the k-NN bank (embeddings of the training images) is cached beside the weights
     (``cache_bank=False`` for a network whose weights differ from the cached checkpoint). ``aligned``: see
     ``KNNDefense``."""

@@ -1,7 +1,7 @@
 """Training loop (compact, airbench-style): whole data set on the device, one shuffled pass per epoch.
 
-Checkpoints are cached by config hash (safetensors + JSON) and training resumes from the last finished
-epoch after an interruption.
+Checkpoints are cached by config hash and data set (safetensors + JSON) and training resumes from the last
+finished epoch after an interruption.
 """
 
 from __future__ import annotations
@@ -107,10 +107,20 @@ def train_model(
     from filelock import FileLock
 
     cfg.validate()
-    path = model_dir(cfg, cache_dir)
+    path = model_dir(cfg, cache_dir, data.sha256)  # keyed by config and data: never another data set's model
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path.parent / f".{cfg.name}-{cfg.config_hash()}.lock")):
-        return _load_or_train(cfg, data, resolve_device(device), model_dir(cfg, cache_dir), progress)
+    with FileLock(str(path.parent / f".{cfg.name}-{cfg.config_hash()}-{data.sha256[:8]}.lock")):
+        return _load_or_train(cfg, data, resolve_device(device), model_dir(cfg, cache_dir, data.sha256), progress)
+
+
+def _check_trained_on(log: dict[str, Any], data: CIFAR10, path: Path) -> None:
+    """A cached model (or checkpoint) is only ever used for the data set its train log records."""
+    recorded = log.get("dataset_sha256")
+    if recorded != data.sha256:
+        from ..config import UsageError
+
+        raise UsageError(f"the cached model {path} was trained on the data set with sha256 {recorded}, not on this "
+                         f"one ({data.sha256}); it is not used for other data: delete that folder to retrain it")
 
 
 def _load_or_train(cfg: ExperimentConfig, data: CIFAR10, dev: torch.device, path: Path,
@@ -119,8 +129,10 @@ def _load_or_train(cfg: ExperimentConfig, data: CIFAR10, dev: torch.device, path
     final = path / "weights.safetensors"
     net = _init_net(cfg, fit, dev)
     if final.is_file() and (path / "train_log.json").is_file():  # both, or it is retrained
+        log = read_json(path / "train_log.json")
+        _check_trained_on(log, data, path)
         net.load_state_dict(load_tensors(final, dev))
-        return TrainedModel(cfg, net, fit, val, read_json(path / "train_log.json"), path, from_cache=True)
+        return TrainedModel(cfg, net, fit, val, log, path, from_cache=True)
 
     t = cfg.train
     log: dict[str, Any] = {"config": cfg.to_dict(), "config_hash": cfg.config_hash(), "dataset_sha256": data.sha256,
@@ -131,8 +143,9 @@ def _load_or_train(cfg: ExperimentConfig, data: CIFAR10, dev: torch.device, path
     partial = path / "partial.safetensors"
     start_epoch = 0
     if partial.is_file() and t.trained:  # resume: weights, optimizer state, RNG state, log
-        tensors = load_tensors(partial, dev)
         meta = load_meta(partial)
+        _check_trained_on(meta["log"], data, path)
+        tensors = load_tensors(partial, dev)
         net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         restore_optimizer(opt, {k: v for k, v in tensors.items() if k.startswith("opt.")}, meta)
         gen.set_state(tensors["rng"].cpu())

@@ -103,36 +103,50 @@ def plan(tiny: bool) -> tuple[list[str], dict[str, list[tuple[str, list[str]]]]]
     return search, lanes
 
 
-def followup_plan(tiny: bool) -> tuple[list[str], dict[str, list[tuple[str, list[str]]]]]:
-    """The next lease's work (issues 11 and 12), on the committed default recipe (the search is only resumed:
-    its table is committed, so it trains nothing): (A) FULL's remaining toolkit rows — the table restarts on the
-    lease's own FULL, since a retrained model differs in its last bits; (B) aligned vs unaligned logits on FULL;
-    (C) the two new subjects, evaluated and audited."""
-    search, _ = plan(tiny)
+def trust_plan(tiny: bool) -> tuple[list[str] | None, dict[str, list[tuple[str, list[str]]]]]:
+    """The default suite, the audits with the active test, and the subjects (no recipe search: FULL is the
+    committed default). (A) FULL: AutoAttack's APGD-CE, APGD-T and Square with and without aligned logits, the
+    audits at 8/255 and 16/255 with the active test, then the default suite (reusing the audits' cells);
+    (B) deep k-NN on row A and (C) raw-pixel k-NN: audits with the active test, then the default suite;
+    (D) the CE rows A and B and FULL under AutoAttack standard."""
     t = TINY if tiny else []
     n = ["--n-test", "20"] if tiny else ["--n-test", "1000"]
     n500 = ["--n-test", "20"] if tiny else ["--n-test", "500"]
+    act = ["--active-test", "8" if tiny else "100"]
     ep = ["--epochs", "1"] if tiny else []
     q = ["--quiet"]
-    aligned_attacks = "aa:apgd,aa:apgd-t,aa:fab-t,aa:square,aa:autoattack"
-    subject_attacks = "standard,adaptive"
+    both = ["--eps", "8/255,16/255"]
+
+    def full(*argv: str, model: str = "full") -> list[str]:
+        return [argv[0], "--model", model, *q, *n, *ep, *argv[1:], *t]
+
     lanes: dict[str, list[tuple[str, list[str]]]] = {
-        "A": [("toolkits", ["toolkits", "--model", "full", *q, *n, *ep, "--attacks", TOOLKIT_ATTACKS,
-                            "--out", "tables/toolkits", *t])],
-        "B": [(f"evaluate-full{tag}", ["evaluate", "--model", "full", *q, *n, *ep, "--eps", "8/255,16/255",
-                                       "--attacks", aligned_attacks, "--out", "tables/aligned", *t, *flag])
-              for tag, flag in (("", []), ("-aligned", ["--aligned"]))],
-        "C": [],
+        "A": [
+            ("full-aa-aligned", full("evaluate", "--eps", "8/255", "--attacks", "aa:apgd,aa:apgd-t,aa:square",
+                                     "--out", "tables/aligned")),
+            ("full-aa-unaligned", full("evaluate", "--eps", "8/255", "--attacks", "aa:apgd,aa:apgd-t,aa:square",
+                                       "--unaligned", "--out", "tables/aligned")),
+            ("audit-full-8", full("audit", "--eps", "8/255", *act, "--out", "tables/audit")),
+            ("evaluate-full", full("evaluate", *both, "--out", "tables/evaluate")),
+            ("audit-full-16", full("audit", "--eps", "16/255", *act, "--out", "tables/audit")),
+        ],
+        "B": [], "C": [],
+        "D": [(f"autoattack-{m}", full("evaluate", *both, "--attacks", "aa:autoattack", "--out", "tables/autoattack",
+                                       model=m)) for m in ("a", "b", "full")],
     }
-    for subject in ("raw_pixel_knn", "deep_knn_a"):
-        model = ["--model", f"robustbench_knn.defenses.subjects:{subject}"]
-        lanes["C"] += [
-            (f"evaluate-{subject}", ["evaluate", *model, *q, *n500, "--eps", "8/255,16/255", "--attacks",
-                                     subject_attacks, "--surrogate", "softknn", "--out", "tables/subjects"]),
-            *((f"audit-{subject}-{e}", ["audit", *model, *q, *n500, "--eps", f"{e}/255", "--surrogate", "softknn",
-                                        "--out", "tables/subjects"]) for e in (8, 16)),
+    # the gradient-masked example defense (examples/masked_defense.py): must come out unreliable and not trusted
+    masked = ["--model", "examples.masked_defense:build", *q, "--n-test", "20" if tiny else "100"]
+    lanes["D"] = [("evaluate-masked", ["evaluate", *masked, "--eps", "8/255", "--out", "tables/masked"]),
+                  ("audit-masked", ["audit", *masked, "--eps", "8/255", *act, "--out", "tables/masked"]),
+                  *lanes["D"]]
+    for lane, subject in (("B", "deep_knn_a"), ("C", "raw_pixel_knn")):
+        model = ["--model", f"robustbench_knn.defenses.subjects:{subject}", *q, *n500, "--surrogate", "softknn"]
+        lanes[lane] = [
+            *((f"audit-{subject}-{e}", ["audit", *model, "--eps", f"{e}/255", *act, "--out", "tables/subjects"])
+              for e in (8, 16)),
+            (f"evaluate-{subject}", ["evaluate", *model, *both, "--out", "tables/subjects"]),
         ]
-    return search, lanes
+    return None, lanes
 
 
 def scale_plan(tiny: bool) -> tuple[list[str], dict[str, list[tuple[str, list[str]]]]]:
@@ -148,7 +162,7 @@ def scale_plan(tiny: bool) -> tuple[list[str], dict[str, list[tuple[str, list[st
                                                   "--out", "tables/evaluate-10k-gpu", *t])]}
 
 
-PLANS = {"regenerate": plan, "followup": followup_plan, "scale": scale_plan}
+PLANS = {"regenerate": plan, "trust": trust_plan, "scale": scale_plan}
 
 
 def machine() -> dict[str, str]:
@@ -223,8 +237,9 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="CPU rehearsal with tiny settings")
     ap.add_argument("--only", help="comma list of step names (default: all)")
     ap.add_argument("--plan", choices=tuple(PLANS), default="regenerate",
-                    help="regenerate: this issue-11 run (search, tables, audits); followup: issue 11/12 leftovers; "
-                         "scale: issue 13's 10k evaluation")
+                    help="regenerate: recipe search, tables, audits; trust: default suites, audits with the active "
+                         "test, subjects and AutoAttack standard; scale: FULL on the 10k test set")
+    ap.add_argument("--threads", type=int, default=4, help="CPU threads per lane")
     ap.add_argument("--lane", help=argparse.SUPPRESS)  # internal: run one lane (with --sets, --deadline-at)
     ap.add_argument("--sets", help=argparse.SUPPRESS)
     ap.add_argument("--deadline-at", type=float, help=argparse.SUPPRESS)
@@ -233,7 +248,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     os.chdir(ROOT)
     cache = Path(os.environ.setdefault("ROBUSTBENCH_KNN_CACHE", str(Path.home() / ".cache" / "robustbench-knn")))
-    logs = ROOT / "tables" / "gpu-session"
+    logs = ROOT / "tables" / "reproduce" / args.plan
     logs.mkdir(parents=True, exist_ok=True)
     search, lanes = PLANS[args.plan](args.tiny)
     only = set(args.only.split(",")) if args.only else None
@@ -242,16 +257,20 @@ def main() -> int:
         return [s for s in steps if only is None or s[0] in only or s[1] is None]
 
     if args.lane:
+        import torch
+
+        torch.set_num_threads(args.threads)
         run_steps(keep(lanes[args.lane]), json.loads(args.sets), args.deadline_at, logs / f"lane-{args.lane}.json")
         return 0
 
     t0 = time.time()
     deadline = t0 + args.deadline - args.reserve
     (logs / "machine.json").write_text(json.dumps(machine(), indent=2) + "\n")
-    sets = run_steps(keep([("search", search), ("choose", None)]), [], deadline, logs / "search.json",
-                     1 if args.tiny else 20)
+    sets = (run_steps(keep([("search", search), ("choose", None)]), [], deadline, logs / "search.json",
+                      1 if args.tiny else 20) if search is not None else [])
     procs = {lane: subprocess.Popen([sys.executable, __file__, "--out", str(out), "--lane", lane, "--plan", args.plan,
-                                     "--sets", json.dumps(sets), "--deadline-at", str(deadline)]
+                                     "--sets", json.dumps(sets), "--deadline-at", str(deadline),
+                                     "--threads", str(args.threads)]
                                     + (["--tiny"] if args.tiny else []) + (["--only", args.only] if args.only else []))
              for lane in lanes}
     while any(p.poll() is None for p in procs.values()):

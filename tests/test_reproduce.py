@@ -1,4 +1,5 @@
-"""benchmarks/gpu_session.py: a lease allows no second try, so its plan is checked here without running it."""
+"""benchmarks/reproduce.py: one run of each plan on a GPU machine; every planned command is checked here without
+running it."""
 
 import importlib.util
 import json
@@ -11,26 +12,26 @@ from robustbench_knn.cli import build_parser
 from robustbench_knn.config import apply_overrides, get_model_config
 from robustbench_knn.paper.search import parse_variant
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
 
 
 @pytest.fixture(scope="module")
 def session():
-    spec = importlib.util.spec_from_file_location("gpu_session", SCRIPT)
+    spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
 @pytest.mark.parametrize("tiny", [False, True])
-@pytest.mark.parametrize("which", ["regenerate", "followup", "scale"])
+@pytest.mark.parametrize("which", ["regenerate", "trust", "scale"])
 def test_every_planned_command_parses(session, tiny, which):
     search, lanes = session.PLANS[which](tiny)
-    steps = [search] + [argv for lane in lanes.values() for _, argv in lane]
+    steps = ([search] if search else []) + [argv for lane in lanes.values() for _, argv in lane]
     parser = build_parser()
     for argv in steps:
         args = parser.parse_args([*argv, "--set", "train.lr=0.001"])  # the recipe's --set is appended to each
-        if getattr(args, "attacks", None) and args.command in ("evaluate", "table"):
+        if getattr(args, "attacks", None) not in (None, "default") and args.command in ("evaluate", "table"):
             parse_attack_list(args.attacks)
     names = [name for lane in lanes.values() for name, _ in lane]
     assert len(names) == len(set(names))
@@ -39,15 +40,17 @@ def test_every_planned_command_parses(session, tiny, which):
         args = parser.parse_args(argv)
         assert args.n_test == (20 if tiny else 10_000) and "aa:autoattack" in args.attacks
         return
+    if which == "trust":  # aligned and unaligned on the same attacks; the subjects audited at both ε
+        a = [argv for _, argv in lanes["A"]]
+        assert "--unaligned" in a[1] and [x for x in a[1] if x != "--unaligned"] == a[0]
+        assert {"audit-deep_knn_a-16", "audit-raw_pixel_knn-8", "evaluate-full"} <= set(names)
+        assert all("--active-test" in argv for lane in lanes.values() for name, argv in lane if name.startswith("audit"))
+        return
     assert "toolkits" in names
     if which == "regenerate":
         assert {"table1", "table2", "untrained"} <= set(names)
         # FULL is trained by lane A's first step; lane B reaches FULL only at Table 2's last row
         assert lanes["A"][0][0] == "table1" and lanes["B"][0][0] == "table2"
-    else:  # aligned vs unaligned on the same attacks; both subjects evaluated and audited at both ε
-        b = [argv for _, argv in lanes["B"]]
-        assert b[0] + ["--aligned"] == b[1]
-        assert {"evaluate-raw_pixel_knn", "audit-deep_knn_a-16"} <= set(names)
 
 
 def test_toolkit_attack_list_is_valid(session):
