@@ -1,22 +1,23 @@
 #!/usr/bin/env python3
-"""One lent GPU, one command: issue 11's regeneration in priority order, under a wall-clock deadline.
+"""Reproduce the committed results on one GPU machine with one command, under a wall-clock deadline.
 
-A lease is short (15 minutes of device time, start and transfers included), so everything is one command: lists
-of ``robustbench-knn`` commands, run in-process (one import and one CUDA context per list), most important first:
+Each plan is lists of ``robustbench-knn`` commands ("lanes", run side by side, each in-process: one import and
+one CUDA context per lane), most important first:
 
-1. the recipe search at the paper's 20 epochs (all planned variants), which chooses FULL's recipe;
-2. then two lanes side by side, both on the chosen recipe (``--set``; a no-op when the choice is the config's
-   default): (A) Table 1 (FULL and the labelled 100-epoch variant), the audits of FULL at 8/255 and 16/255 on 1000
-   images, the standard + adaptive evaluation of FULL, Figure 3, the 100-epoch variant's audits;
-   (B) Table 2, §3.5 and the cross-toolkit table (it saves after every cell).
+- ``regenerate``: the recipe search at the paper's 20 epochs, which chooses FULL's recipe, then (A) Table 1, the
+  audits of FULL at 8/255 and 16/255 on 1000 images, the standard + adaptive evaluation of FULL, Figure 3, the
+  100-epoch variant's audits and (B) Table 2, §3.5 and the cross-toolkit table;
+- ``trust``: FULL's toolkit attacks with and without aligned logits, the audits with the active test, the default
+  suite, the two subjects and the masked example defense, AutoAttack standard on rows A, B and FULL;
+- ``scale``: FULL on all 10,000 test images.
 
 A step that would outrun the deadline is interrupted like Ctrl-C (the commands keep what they finished and
-render partial tables honestly); a failing step is logged and the next one runs. Each step's rc and seconds go
-to ``tables/gpu-session/``; ``tables/`` is packed into ``OUT/results.tgz`` every minute and at the end, so a
-killed run still returns its finished steps.
+render partial tables honestly; their cells are cached, so a second run resumes); a failing step is logged and
+the next one runs. Each step's rc and seconds go to ``tables/reproduce/<plan>/``; ``tables/`` and the cache's
+small files are packed into ``OUT/results.tgz`` every minute and at the end.
 
-    python3 benchmarks/gpu_session.py --out "$OUT" --deadline 540             # on the GPU machine
-    python benchmarks/gpu_session.py --tiny --out /tmp/gpu-try --deadline 900  # CPU rehearsal, tiny settings
+    python3 benchmarks/reproduce.py --plan trust --out "$OUT" --deadline 540        # on the GPU machine
+    python benchmarks/reproduce.py --plan trust --tiny --out /tmp/try --deadline 900  # CPU rehearsal, tiny settings
 """
 
 from __future__ import annotations

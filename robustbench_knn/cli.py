@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("train", help="train a model (cached by config hash)")
+    p = sub.add_parser("train", help="train a model (cached by config and data set hash)")
     _common(p)
 
     p = sub.add_parser("evaluate", help="clean and robust accuracy, judged by the real k-NN decision")
@@ -246,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--attack-steps", type=int, default=10, help="steps of each attack in the throughput pairs")
+
+    p = sub.add_parser("leaderboard", help="RobustBench-style tables (md, csv, html) from the model cards under DIRs")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="folders searched recursively for *.model-card.json")
+    p.add_argument("--out", default="tables/leaderboard", help="folder for leaderboard.{md,csv,html}")
     return parser
 
 
@@ -327,9 +331,9 @@ def _evaluate_loaded(args: argparse.Namespace, specs: list[Any], eps: list[float
     from .attacks.transfer import trained_sources, transfer_sources
     from .data import load_cifar10
     from .defenses.loading import resolve_model
+    from .devices import resolve_device
     from .evaluation.api import require_knn
     from .evaluation.experiment import defense_cells, evaluate_classifier
-    from .devices import resolve_device
 
     for flag in ("epochs", "n_train", "set"):
         if getattr(args, flag):
@@ -613,9 +617,23 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(f"{k:32s} {v:.4g}" if isinstance(v, float) else f"{k:32s} {v}")
 
 
+def cmd_leaderboard(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .reports.leaderboard import write_leaderboard
+
+    check_writable_file(str(Path(args.out) / "leaderboard.html"))  # before reading every card
+    board, paths = write_leaderboard(args.dirs, args.out)
+    for path, why in board.skipped:
+        print(f"robustbench-knn: warning: skipped {path}: {why}", file=sys.stderr)
+    print(paths[0].read_text())
+    print(f"{len(board.rows)} rows; written: {', '.join(map(str, paths))}")
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "attacks": cmd_attacks, "toolkits": cmd_toolkits,
             "search": cmd_search, "export": cmd_export, "merge": cmd_merge,
-            "bench": cmd_bench, "table": cmd_table, "gate": cmd_gate, "audit": cmd_audit}
+            "bench": cmd_bench, "table": cmd_table, "gate": cmd_gate, "audit": cmd_audit,
+            "leaderboard": cmd_leaderboard}
 
 
 DISTRIBUTED = ("evaluate", "audit", "toolkits")  # the commands torchrun can split

@@ -7,7 +7,7 @@ import torch
 
 from robustbench_knn.cli import main
 from robustbench_knn.evaluation.audit import attribution, run_audit
-from robustbench_knn.reports.audit_report import save_audit
+from robustbench_knn.reports.audit_report import audit_model_card, save_audit
 from robustbench_knn.reports.plots import figure3_config, figure3_points, plot_eps_curves, plot_figure3
 
 from .conftest import TINY_SETS
@@ -78,7 +78,12 @@ def test_save_audit_writes_json_csv_and_plots(tiny_clf, tiny_data, tmp_path):
             "audit-tiny-abc-eps16-steps.png"} <= names
     assert "verdict" in (tmp_path / "audit-tiny-abc-eps16.csv").read_text()
     card = json.loads((tmp_path / "audit-tiny-abc-eps16.model-card.json").read_text())
-    assert card["unreliable"] is (res["verdict"]["status"] != "TRUSTED") and card["eps"] == "16/255"
+    assert card["eps"] == "16/255"
+    # the bound is unreliable only when a check other than "the standard suite was beaten" failed (planted bug
+    # caught: a card that calls every NOT TRUSTED bound unreliable, or none)
+    for failed, want in ((["adaptive/all vs standard"], False), (["zero/non-finite gradients"], True), ([], False)):
+        other = {**res, "verdict": {**res["verdict"], "failed": failed}}
+        assert audit_model_card(other)["unreliable"] is want
     assert float(card["worst_case_robust_acc"]) == res["upper_bound_acc"] and "Audit verdict" in card["footnote"]
 
 

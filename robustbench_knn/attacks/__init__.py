@@ -1,11 +1,22 @@
 """Attack registry. Importing this package registers every attack."""
 
-from .base import (DEFAULT_TOOLKIT, GROUPS, REGISTRY, Attack, AttackSpec, get_attack, input_gradient,
-                   parse_attack_list, register_group)
-from . import kfgsm  # noqa: F401  (registers)
-from . import adaptive  # noqa: F401  (registers the adaptive attacks, the "adaptive" group and transfer)
-from .adaptive import ADAPTIVE_SUITE
 from .. import adapters  # noqa: F401,E402  (registers the toolkit attacks)
+from . import (
+    adaptive,  # noqa: F401  (registers the adaptive attacks, the "adaptive" group and transfer)
+    kfgsm,  # noqa: F401  (registers)
+)
+from .adaptive import ADAPTIVE_SUITE
+from .base import (
+    DEFAULT_TOOLKIT,
+    GROUPS,
+    REGISTRY,
+    Attack,
+    AttackSpec,
+    get_attack,
+    input_gradient,
+    parse_attack_list,
+    register_group,
+)
 
 # The standard suite of the audit and of ``benchmark()``: the paper's attack and AutoAttack's standard members
 # (FAB-T aside) run separately, so each one's figure is reported and the worst case is per sample.
@@ -13,7 +24,7 @@ STANDARD_SUITE = ("kfgsm", "aa:apgd", "aa:apgd-t", "aa:square")
 register_group("standard", STANDARD_SUITE)
 # What ``benchmark()`` and ``evaluate`` run when no attacks are named. On a k-NN defense: the cheapest set whose
 # per-sample worst case matched the full audit's bound on FULL and the deep k-NN subject (the audit's per-sample
-# outcomes, README "Choosing the default suite"), with a gradient-free attack on the hard vote that no masked
+# outcomes, docs/methodology.md "Choosing the default suite"), with a gradient-free attack on the hard vote that no masked
 # gradient can stop. On a logit classifier: AutoAttack standard, as RobustBench.
 DEFAULT_KNN_SUITE = ("softknn-apgd", "softknn-apgd-dlr", "feature", "vote-square")  # most breaks per second first
 DEFAULT_LOGIT_SUITE = ("aa:autoattack",)

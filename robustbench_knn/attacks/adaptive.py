@@ -27,8 +27,7 @@ from ..defenses.surrogate import SoftKNNSurrogate
 from ..distances import pairwise_distance
 from .apgd_core import apgd
 from .base import Attack, input_gradient, project, register, register_group
-from .knn_tools import (BestIterate, embed_batched, kth_distance, random_start, require_knn,
-                        set_distance)
+from .knn_tools import BestIterate, embed_batched, kth_distance, random_start, require_knn, set_distance
 
 
 class AdaptiveAttack(Attack):

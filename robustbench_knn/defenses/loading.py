@@ -15,6 +15,7 @@ import importlib
 import os
 import sys
 from pathlib import Path
+
 import torch
 
 from ..config import ExperimentConfig, UsageError, get_model_config

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import pandas as pd
 
 from ..attacks import AttackSpec, default_attacks, parse_attack_list
-from ..attacks.transfer import transfer_sources, trained_sources
+from ..attacks.transfer import trained_sources, transfer_sources
 from ..config import UsageError, get_model_config
 from ..defenses.defense import BaseClassifier, KNNDefense, as_classifier
 from ..store import write_json
@@ -69,7 +69,8 @@ class BenchmarkResult:
 
     @property
     def unreliable(self) -> bool:
-        """True when an audit of this model and ε, or else a cheap check of this run, failed."""
+        """True when a cheap check of this run failed, or its worst case lies above the bound of an audit of the
+        same model, ε and images (beyond the binomial tolerance)."""
         return bool(self.raw["per_eps"][0]["unreliable"])
 
     def model_card(self) -> dict[str, Any]:

@@ -20,11 +20,18 @@ import torch
 
 from ..attacks import STANDARD_SUITE, get_attack, parse_attack_list
 from ..attacks.adaptive import ADAPTIVE_SUITE
-from ..attacks.transfer import transfer_sources, trained_sources
+from ..attacks.transfer import trained_sources, transfer_sources
 from ..config import ExperimentConfig, UsageError
+from .audit_checks import (
+    active_checks,
+    attack_checks,
+    bound_check,
+    iteration_checks,
+    model_checks,
+    sweep_checks,
+    verdict,
+)
 from .cards import save_audit_record
-from .audit_checks import (active_checks, bound_check, attack_checks, iteration_checks, model_checks, sweep_checks,
-                           verdict)
 from .checks import binomial_tol, family_of
 from .evaluate import robust_mask, run_attacks, versions
 

@@ -10,14 +10,13 @@ import time
 from typing import Any, Callable
 
 import torch
-
 import torch.nn.functional as F
 
 from ..config import ExperimentConfig
 from ..defenses.knn import knn_votes
+from ..devices import resolve_device
 from ..paper.classifier import KNNClassifier
 from ..paper.model import IdResNet
-from ..devices import resolve_device
 from ..paper.train import _optimizer, objective
 
 

@@ -17,12 +17,12 @@ from ..attacks import AttackSpec
 from ..attacks.transfer import trained_sources, transfer_sources
 from ..config import ExperimentConfig, UsageError
 from ..data import DATASET_LABEL, load_cifar10
-from ..paper.classifier import build_classifier
 from ..devices import resolve_device
+from ..paper.classifier import build_classifier
 from ..paper.train import train_model
 from ..store import model_dir, write_json, write_text
-from .distributed import current
 from .cards import annotate_reliability, card_of, eps_label
+from .distributed import current
 from .evaluate import predict_split, run_attacks, versions
 
 DATASET_NAME = f"{DATASET_LABEL} (JPEG q75)"

@@ -23,8 +23,8 @@ import torch
 from ..attacks import get_attack
 from ..config import ExperimentConfig, UsageError, get_model_config
 from ..data import CIFAR10
-from ..paper.classifier import build_classifier
 from ..devices import resolve_device
+from ..paper.classifier import build_classifier
 from ..paper.train import train_model
 from .evaluate import run_attacks, versions
 

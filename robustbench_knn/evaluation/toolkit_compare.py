@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from ..attacks import REGISTRY, AttackSpec
 from ..config import STANDARD_SUITE, ExperimentConfig, UsageError
 from ..data import load_cifar10
-from ..paper.classifier import build_classifier
 from ..devices import resolve_device
+from ..paper.classifier import build_classifier
 from ..paper.train import train_model
 from ..store import read_json, write_json, write_text
 from .distributed import current

@@ -18,13 +18,12 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 
-from ..config import (NORMALIZATIONS, REG_REDUCTIONS, ExperimentConfig, UsageError, apply_overrides,
-                     get_model_config)
+from ..config import NORMALIZATIONS, REG_REDUCTIONS, ExperimentConfig, UsageError, apply_overrides, get_model_config
 from ..data import CIFAR10
+from ..devices import machine_name
+from ..distances import pairwise_distance
 from ..store import read_json, write_json, write_text
 from .classifier import build_classifier
-from ..distances import pairwise_distance
-from ..devices import machine_name
 from .train import train_model
 
 # The order `search --variants default` trains them: the most informative contrasts first, so a partial

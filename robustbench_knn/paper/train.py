@@ -20,8 +20,16 @@ from tqdm.auto import tqdm
 from ..config import ExperimentConfig
 from ..data import CIFAR10, Split, pixel_stats, to_float
 from ..devices import machine_name, resolve_device
-from ..store import (load_meta, load_tensors, model_dir, optimizer_tensors, read_json, restore_optimizer,
-                    save_tensors, write_json)
+from ..store import (
+    load_meta,
+    load_tensors,
+    model_dir,
+    optimizer_tensors,
+    read_json,
+    restore_optimizer,
+    save_tensors,
+    write_json,
+)
 from .losses import exp_contrastive_loss
 from .model import IdResNet
 

@@ -1,0 +1,355 @@
+"""A k-NN leaderboard in RobustBench's columns, built from the model cards (``*.model-card.json``) under some folders.
+
+Two kinds of card are read: an audit's (``audit-<name>-<hash>-eps<N>.model-card.json``; its worst case is the
+audit's upper bound, and the sibling ``audit-...json`` holds the verdict, the standard suite's figure, the ε curves
+and the config) and an evaluate/benchmark card (any other ``<kind>-<name>-<hash>-...``; ``more_eps`` holds the
+cards of its further ε). Cards of the same model (name *and* weights/config hash), threat model and ε become one
+row: the worst case is the lowest figure any of them reached, since each is an upper bound on the true robust
+accuracy and the lowest is the tightest. Rows are ranked within each ε (figures at different ε do not compare).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from ..config import UsageError
+from ..evaluation.cards import eps_label
+from ..store import read_json, write_text
+
+CARD_SUFFIX = ".model-card.json"
+THREAT_ORDER = ("Linf", "L2")  # RobustBench's order; any other threat model follows, alphabetically
+
+
+class UnreadableCard(Exception):
+    """A card file that is not a JSON object; the leaderboard skips it and says so."""
+
+
+@dataclass
+class Entry:
+    """One card at one ε (each of a card's ``more_eps`` is an entry of its own)."""
+
+    kind: str  # "audit" or the card's own kind ("evaluate", ...)
+    name: str
+    hash: str
+    threat_model: str
+    eps: str  # canonical label, e.g. 8/255
+    eps_value: float
+    clean_acc: float | None
+    worst_case: float | None
+    unreliable: bool | None
+    n: int | None
+    certified: float | None
+    dataset: str
+    card: Path
+    result: Path | None  # the sibling results JSON, when it exists
+    label: str  # short name for links: <folder>/<kind>[-<tail>]
+    audit: dict[str, Any] | None = None  # the audit JSON (audit cards only)
+    config: dict[str, Any] | None = None
+
+
+@dataclass
+class Row:
+    threat_model: str
+    eps: str
+    eps_value: float
+    name: str
+    hash: str
+    clean_acc: float | None
+    reported_acc: float | None  # the standard suite's figure, from an audit
+    worst_case: float | None
+    worst_case_from: str  # label of the entry that reached the worst case
+    verdict: str
+    verdict_text: str
+    unreliable: bool | None
+    n: int | None
+    recipe: str
+    certified: float | None
+    dataset: str
+    entries: list[Entry]
+    curves: dict[str, list[list[float]]] | None = None  # the audit's eps_curves
+    standard: list[str] = field(default_factory=list)  # the audit's standard-suite attack keys
+    audit_eps: float | None = None
+    rank: int | None = None
+
+
+@dataclass
+class Leaderboard:
+    tables: dict[str, list[Row]]  # threat model → rows, ordered by ε then rank
+    skipped: list[tuple[Path, str]]  # cards that could not be read, and why
+    datasets: list[str]  # the cards' dataset_detail values, for the caption
+
+    @property
+    def rows(self) -> list[Row]:
+        return [r for rows in self.tables.values() for r in rows]
+
+
+def _num(value: Any) -> float | None:
+    """Cards hold accuracies as strings in % ("52.80"); a missing or malformed one is blank, not an error."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _eps(label: Any) -> tuple[str, float]:
+    """Canonical label and value, so "8/255" and "0.0313725" are one ε; an unreadable one keeps its text."""
+    try:
+        text = str(label).strip()
+        value = float(Fraction(text)) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        return str(label), math.inf
+    return eps_label(value), value
+
+
+def _stem(card: Path) -> str:
+    return card.name[: -len(CARD_SUFFIX)]
+
+
+def _hash_and_tail(stem: str, name: str) -> tuple[str, str]:
+    """``<kind>-<name>-<hash>[-<tail>]``: the name may hold hyphens (full-100ep), so it is matched, not split."""
+    _, _, rest = stem.partition("-")
+    if name and rest.startswith(name + "-"):
+        hash_, _, tail = rest[len(name) + 1:].partition("-")
+        return hash_, tail
+    return "", ""
+
+
+def format_lr(lr: float) -> str:
+    mant, _, exp = f"{lr:e}".partition("e")
+    return f"{mant.rstrip('0').rstrip('.')}e{int(exp)}"
+
+
+def recipe_of(config: dict[str, Any] | None) -> str:
+    """Architecture and training recipe in a few words, e.g. 'IdResNet w_r=2048 N_S=2 d=15 k=800, 20 ep adam lr
+    1e-3'; blank for a model without a config of this project (a user's module or file)."""
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        return ""
+    m, t = config["model"], config.get("train") or {}
+    net = "IdResNet" if m.get("identity_init", True) else "dense net"
+    arch = f"{net} w_r={m.get('w_r', '?')} N_S={m.get('n_spaces', '?')} d={m.get('d', '?')}"
+    arch += " logits head" if m.get("head") == "logits" else f" k={config.get('k', '?')}"
+    if t.get("trained") is False:
+        return f"{arch}, untrained"
+    parts = [f"{t.get('epochs', '?')} ep {t.get('optimizer', '?')}"]
+    if isinstance(t.get("lr"), (int, float)):
+        parts[0] += f" lr {format_lr(t['lr'])}"
+    if t.get("schedule", "constant") != "constant":
+        parts.append(t["schedule"])
+    if t.get("noise") is False:
+        parts.append("no noise")
+    if t.get("n_train"):
+        parts.append(f"n_train={t['n_train']}")
+    return f"{arch}, {' '.join(parts)}"
+
+
+def read_card(card: Path) -> list[Entry]:
+    """The entries of one card file (its own ε and each of ``more_eps``). Raises UnreadableCard."""
+    try:
+        data = read_json(card)
+    except (OSError, ValueError) as e:
+        raise UnreadableCard(f"not readable as JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UnreadableCard("not a model card (not a JSON object)")
+    stem = _stem(card)
+    kind = "audit" if stem.startswith("audit-") else stem.partition("-")[0] or "card"
+    result_path = card.with_name(stem + ".json")
+    result = None
+    if result_path.is_file():
+        try:
+            result = read_json(result_path)
+        except (OSError, ValueError):
+            result = None  # the card still stands; the row just lacks what only the results hold
+    result = result if isinstance(result, dict) else None
+    name = str(data.get("name") or (result or {}).get("model") or stem)
+    hash_, tail = _hash_and_tail(stem, name)
+    hash_ = hash_ or str((result or {}).get("config_hash") or "")
+    label = f"{card.parent.name}/{kind}" + (f"-{tail}" if tail else "")
+    cards = [data] + [c for c in (data.get("more_eps") or []) if isinstance(c, dict)]
+    entries = []
+    for c in cards:
+        eps, eps_value = _eps(c.get("eps"))
+        unreliable = c.get("unreliable")
+        n = c.get("n_examples")
+        entries.append(Entry(
+            kind=kind, name=name, hash=hash_, threat_model=str(c.get("threat_model") or "unknown"), eps=eps,
+            eps_value=eps_value, clean_acc=_num(c.get("clean_acc")), worst_case=_num(c.get("worst_case_robust_acc")),
+            unreliable=unreliable if isinstance(unreliable, bool) else None,
+            n=n if isinstance(n, int) and not isinstance(n, bool) else None,
+            certified=_num(c.get("certified_acc")), dataset=str(c.get("dataset_detail") or c.get("dataset") or ""),
+            card=card, result=result_path if result is not None else None, label=label,
+            audit=result if kind == "audit" else None,
+            config=result.get("config") if result is not None and isinstance(result.get("config"), dict) else None))
+    return entries
+
+
+def find_cards(dirs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Every model card under the folders, recursively, each once; a missing folder: UsageError."""
+    found: dict[Path, None] = {}
+    for d in dirs:
+        path = Path(d)
+        if not path.is_dir():
+            raise UsageError(f"{str(d)!r} is not a folder")
+        for card in sorted(path.rglob(f"*{CARD_SUFFIX}")):
+            if card.is_file():
+                found.setdefault(card.resolve(), None)
+    return list(found)
+
+
+def _merge(entries: list[Entry]) -> Row:
+    # the row's clean accuracy and n come from the entry that reached the worst case, so the three describe the
+    # same images; audits first on a tie (their figure is the one with a verdict), then the larger n
+    order = sorted(entries, key=lambda e: (e.worst_case is None, e.worst_case if e.worst_case is not None else 0,
+                                          e.kind != "audit", -(e.n or 0)))
+    best = order[0]
+    audits = [e for e in order if e.audit is not None]
+    audit = audits[0].audit if audits else None
+    verdict = (audit or {}).get("verdict") or {}
+    reported = (audit or {}).get("reported_acc", verdict.get("reported_acc"))
+    flags = [e.unreliable for e in entries if e.unreliable is not None]
+    # one flag on any run of the model is a reason to doubt its figures; a blank means no check ever ran
+    unreliable = True if True in flags else (False if flags else None)
+    config = next((e.config for e in audits + order if e.config), None)
+    certified = [e.certified for e in entries if e.certified is not None]
+    curves = (audit or {}).get("eps_curves")
+    return Row(
+        threat_model=best.threat_model, eps=best.eps, eps_value=best.eps_value, name=best.name, hash=best.hash,
+        clean_acc=best.clean_acc if best.clean_acc is not None else next(
+            (e.clean_acc for e in order if e.clean_acc is not None), None),
+        reported_acc=_num(reported), worst_case=best.worst_case,
+        worst_case_from=best.label if best.worst_case is not None else "",
+        verdict=str(verdict.get("status") or ""), verdict_text=str(verdict.get("text") or ""),
+        unreliable=unreliable, n=best.n if best.n is not None else next((e.n for e in order if e.n is not None), None),
+        recipe=recipe_of(config), certified=max(certified) if certified else None,
+        dataset=best.dataset or next((e.dataset for e in order if e.dataset), ""), entries=order,
+        curves=curves if isinstance(curves, dict) and curves else None,
+        standard=[str(k) for k in (audit or {}).get("standard") or []],
+        audit_eps=_num((audit or {}).get("eps")))
+
+
+def _rank(rows: list[Row]) -> list[Row]:
+    """RobustBench's order within each ε: highest worst case first; ties share a rank; no figure, no rank."""
+    out = []
+    for eps_value in sorted({r.eps_value for r in rows}):
+        group = sorted((r for r in rows if r.eps_value == eps_value),
+                       key=lambda r: (r.worst_case is None, -(r.worst_case or 0.0), r.name, r.hash))
+        for i, r in enumerate(group):
+            if r.worst_case is None:
+                r.rank = None
+            elif i and group[i - 1].worst_case == r.worst_case:
+                r.rank = group[i - 1].rank
+            else:
+                r.rank = i + 1
+        out += group
+    return out
+
+
+def build_leaderboard(dirs: Sequence[str | os.PathLike]) -> Leaderboard:
+    groups: dict[tuple[str, str, str, str], list[Entry]] = {}
+    skipped = []
+    for card in find_cards(dirs):
+        try:
+            entries = read_card(card)
+        except UnreadableCard as e:
+            skipped.append((card, str(e)))
+            continue
+        for e in entries:
+            groups.setdefault((e.threat_model, e.eps, e.name, e.hash), []).append(e)
+    if not groups:  # an empty leaderboard would look like a result; say what was (not) found instead
+        where = ", ".join(map(str, dirs))
+        raise UsageError(f"no readable model cards under {where}: " + "; ".join(f"{p}: {why}" for p, why in skipped)
+                         if skipped else f"no model cards (*{CARD_SUFFIX}) under {where}")
+    rows = [_merge(g) for g in groups.values()]
+    threats = sorted({r.threat_model for r in rows},
+                     key=lambda t: (THREAT_ORDER.index(t) if t in THREAT_ORDER else len(THREAT_ORDER), t))
+    tables = {t: _rank([r for r in rows if r.threat_model == t]) for t in threats}
+    datasets = sorted({r.dataset for r in rows if r.dataset})
+    return Leaderboard(tables=tables, skipped=skipped, datasets=datasets)
+
+
+# --- text outputs --------------------------------------------------------------------------------------------------
+
+COLUMNS = ["rank", "model", "hash", "ε", "threat model", "clean %", "standard suite %", "worst case %",
+           "audit verdict", "unreliable", "n", "architecture / recipe", "certified %", "links"]
+
+
+def fmt(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}"
+
+
+def fmt_flag(x: bool | None) -> str:
+    return "" if x is None else ("yes" if x else "no")
+
+
+def _relative(path: Path, out_dir: str | os.PathLike) -> str:
+    return Path(os.path.relpath(path, Path(out_dir).resolve())).as_posix()
+
+
+def links(row: Row, out_dir: str | os.PathLike) -> list[tuple[str, str, str]]:
+    """(label, card path, results path or '') per card of the row, relative to the output folder so the files
+    still open when the repository is moved or browsed from disk."""
+    seen, out = set(), []
+    for e in row.entries:
+        if e.card in seen:
+            continue
+        seen.add(e.card)
+        out.append((e.label, _relative(e.card, out_dir), _relative(e.result, out_dir) if e.result else ""))
+    return out
+
+
+def cells(row: Row) -> list[str]:
+    """The display strings of every column but the links."""
+    return [str(row.rank or ""), row.name, row.hash, row.eps, row.threat_model, fmt(row.clean_acc),
+            fmt(row.reported_acc), fmt(row.worst_case), row.verdict, fmt_flag(row.unreliable),
+            "" if row.n is None else str(row.n), row.recipe, fmt(row.certified)]
+
+
+def caption(board: Leaderboard) -> str:
+    return " / ".join(board.datasets) or "dataset not stated"
+
+
+def render_markdown(board: Leaderboard, out_dir: str | os.PathLike) -> str:
+    text = [f"# k-NN leaderboard: {caption(board)}", "",
+            ("Accuracies in %. *worst case*: the lowest robust accuracy any run reached on the model at that ε "
+            "(per-sample worst case over every attack of the run; an audit's upper bound). *standard suite*: the "
+            "figure of the standard attacks alone, from an audit. Rank within each ε, highest worst case first."), ""]
+    for threat, rows in board.tables.items():
+        body = [cells(r) + [" ".join(f"[{lab}]({c})" + (f" [json]({res})" if res else "")
+                                     for lab, c, res in links(r, out_dir))] for r in rows]
+        text += [f"## {threat}", "", tabulate(body, headers=COLUMNS, tablefmt="github", disable_numparse=True), ""]
+    return "\n".join(text)
+
+
+def render_csv(board: Leaderboard, out_dir: str | os.PathLike) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS[:-1] + ["worst case from", "cards", "results"])
+    for rows in board.tables.values():
+        for r in rows:
+            ls = links(r, out_dir)
+            w.writerow(cells(r) + [r.worst_case_from, ";".join(c for _, c, _ in ls),
+                                   ";".join(res for _, _, res in ls if res)])
+    return buf.getvalue()
+
+
+def write_leaderboard(dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> tuple[Leaderboard, list[Path]]:
+    """``leaderboard.md``, ``.csv`` and a self-contained ``leaderboard.html`` in ``out_dir``."""
+    from .leaderboard_html import render_html  # here: that module imports this one
+
+    board = build_leaderboard(dirs)
+    out = Path(out_dir)
+    paths = [out / "leaderboard.md", out / "leaderboard.csv", out / "leaderboard.html"]
+    write_text(paths[0], render_markdown(board, out))
+    write_text(paths[1], render_csv(board, out))
+    write_text(paths[2], render_html(board, out))
+    return board, paths
