@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--out", default="tables/toolkits", help="folder for toolkits.{md,csv,json}")
     p.add_argument("--render-only", action="store_true", help="rebuild toolkits.{md,csv} from toolkits.json, no computing")
+    p.add_argument("--unaligned", dest="aligned", action="store_false",
+                   help="the toolkits attack the raw surrogate logits (default: decision-aligned logits)")
 
     p = sub.add_parser("search", help="search the recipe choices the paper leaves open, on a validation split")
     p.add_argument("--variants", default="default",
@@ -394,7 +396,7 @@ def cmd_toolkits(args: argparse.Namespace) -> None:
         result = run_compare(_model_config(args), parse_eps(args.eps), names=names, surrogates=surrogates,
                              n_test=args.n_test, out_dir=args.out, data_dir=args.data_dir, cache_dir=args.cache_dir,
                              device=args.device, seed=args.seed or 0, batch_size=args.batch_size,
-                             progress=not args.quiet)
+                             progress=not args.quiet, aligned=args.aligned)
     else:
         from .data import load_cifar10
         from .defenses.defense import KNNDefense
@@ -404,7 +406,7 @@ def cmd_toolkits(args: argparse.Namespace) -> None:
         from .evaluation.toolkit_compare import compare_classifiers
 
         eps = parse_eps(args.eps)
-        clf, _, name = resolve_model(args.model, device=resolve_device(args.device))
+        clf, _, name = resolve_model(args.model, aligned=args.aligned, device=resolve_device(args.device))
         if isinstance(clf, KNNDefense):  # the user's own surrogate where named, else the same defense re-fronted
             # the potential needs the paper's loss constants, which a user's defense may not have
             surrogates = [s for s in surrogates if s != "potential" or clf.lam is not None]

@@ -55,15 +55,18 @@ def run_compare(
     seed: int = 0,
     batch_size: int = 250,
     progress: bool = True,
+    aligned: bool = True,
 ) -> dict[str, Any]:
-    """Train or load ``cfg``, then run (or resume) every cell (see :func:`compare_classifiers`)."""
+    """Train or load ``cfg``, then run (or resume) every cell (see :func:`compare_classifiers`); ``aligned``:
+    decision-aligned surrogate logits (the default) or the raw surrogate."""
     dev = resolve_device(device)
     data = load_cifar10(data_dir)
     trained = train_model(cfg, data, device=dev, cache_dir=cache_dir, progress=progress)
-    clfs = {s: build_classifier(trained, s) for s in surrogates}
+    clfs = {s: build_classifier(trained, s, aligned=aligned) for s in surrogates}
+    tag = "" if aligned else "-unaligned"
     return compare_classifiers(clfs, data, eps_list, name=cfg.name, config_hash=cfg.config_hash(), names=names,
                                n_test=n_test, out_dir=out_dir, seed=seed, batch_size=batch_size, progress=progress,
-                               cells=lambda sur: cell_dir(cfg, sur, data.sha256, cache_dir))
+                               cells=lambda sur: cell_dir(cfg, sur + tag, data.sha256, cache_dir))
 
 
 def compare_classifiers(clfs: dict[str, torch.nn.Module], data: Any, eps_list: list[float], *, name: str,
@@ -83,6 +86,7 @@ def compare_classifiers(clfs: dict[str, torch.nn.Module], data: Any, eps_list: l
         "model": name, "config_hash": config_hash, "k": getattr(first, "k", None), "dataset": DATASET_NAME,
         "dataset_sha256": data.sha256, "n_test": len(x), "seed": seed, "device": str(first.device).split(":")[0],
         "versions": versions(), "eps": eps_list, "surrogates": surrogates, "cells": [],
+        "aligned": bool(getattr(first, "aligned", False)),
     }
     t0 = time.perf_counter()
     jobs = plan_jobs(specs, surrogates)
