@@ -11,6 +11,7 @@ import io
 import json
 import sys
 from fractions import Fraction
+from pathlib import Path
 from typing import Any, Sequence
 
 from .config import STANDARD_SUITE, ExperimentConfig, UsageError, apply_overrides, get_model_config, parse_value
@@ -252,6 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("leaderboard", help="RobustBench-style tables (md, csv, html) from the model cards under DIRs")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="folders searched recursively for *.model-card.json")
     p.add_argument("--out", default="tables/leaderboard", help="folder for leaderboard.{md,csv,html}")
+
+    p = sub.add_parser("active-test", help="the active test of attack strength alone: planted adversarial examples "
+                                           "over a k-NN defense's own embedding that every attack must find")
+    _common(p)
+    p.add_argument("--eps", default="8/255", help="one ε")
+    p.add_argument("--attacks", default="standard,adaptive", help="attacks to test (transfer is not applicable)")
+    p.add_argument("--n-points", type=int, default=100, help="the first N clean-correct test images")
+    p.add_argument("--surrogate", default="potential", help="potential or softknn (what the toolkit attacks follow)")
+    p.add_argument("--out", default="results", help="folder for active-<model>-<hash>-eps<N>.json")
     return parser
 
 
@@ -632,10 +642,48 @@ def cmd_leaderboard(args: argparse.Namespace) -> None:
     print(f"{len(board.rows)} rows; written: {', '.join(map(str, paths))}")
 
 
+def cmd_active_test(args: argparse.Namespace) -> None:
+    from .attacks import parse_attack_list
+    from .data import load_cifar10
+    from .defenses.loading import resolve_model
+    from .devices import resolve_device
+    from .evaluation.active_test import active_test, summary
+    from .evaluation.evaluate import versions
+    from .evaluation.experiment import weights_hash
+    from .store import write_json
+
+    eps = parse_eps(args.eps)
+    if len(eps) != 1 or eps[0] <= 0:
+        raise UsageError("active-test takes one --eps value > 0")
+    if not 1 <= args.n_points <= TEST_SET_SIZE:
+        raise UsageError(f"--n-points must be between 1 and {TEST_SET_SIZE}")
+    specs = parse_attack_list(args.attacks)
+    check_writable_file(str(Path(args.out) / "active.json"))  # before any training
+    dev = resolve_device(args.device)
+    data = load_cifar10(args.data_dir)
+    if is_config_name(args.model):
+        from .paper.classifier import build_classifier
+        from .paper.train import train_model
+
+        cfg = _model_config(args)
+        clf, name = build_classifier(train_model(cfg, data, device=dev, cache_dir=args.cache_dir,
+                                                 progress=not args.quiet), args.surrogate), cfg.name
+    else:
+        clf, _, name = resolve_model(args.model, surrogate=args.surrogate, device=dev)
+    res = active_test(clf, data.test.floats(), data.test.y, eps[0], specs, n_points=args.n_points,
+                      seed=args.seed or 0, progress=not args.quiet)
+    res = {"model": name, "weights_hash": weights_hash(clf), "dataset_sha256": data.sha256, "device": str(dev),
+           "versions": versions(), **res}
+    path = Path(args.out) / f"active-{name}-{res['weights_hash']}-eps{eps[0] * 255:g}.json"
+    write_json(path, res)
+    print(summary(res))
+    print(f"results: {path}")
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "attacks": cmd_attacks, "toolkits": cmd_toolkits,
             "search": cmd_search, "export": cmd_export, "merge": cmd_merge,
             "bench": cmd_bench, "table": cmd_table, "gate": cmd_gate, "audit": cmd_audit,
-            "leaderboard": cmd_leaderboard}
+            "leaderboard": cmd_leaderboard, "active-test": cmd_active_test}
 
 
 DISTRIBUTED = ("evaluate", "audit", "toolkits")  # the commands torchrun can split

@@ -147,3 +147,22 @@ def test_bad_input_is_refused_before_any_work(tiny):
             at.active_test(boom, xt, yt, EPS, pgd, **bad)
     with pytest.raises(UsageError, match="eps"):
         at.active_test(boom, xt, yt, 0.0, pgd)
+
+
+def test_active_test_command(tmp_path, tiny_data_dir, cache_dir, capsys):
+    # planted bugs caught: the command not wired (exit != 0 / no file), bad ε accepted
+    import json
+
+    from robustbench_knn.cli import main
+
+    from .conftest import TINY_SETS
+
+    common = ["--model", "full", *(x for s in TINY_SETS for x in ("--set", s)), "--data-dir", str(tiny_data_dir),
+              "--cache-dir", str(cache_dir), "--device", "cpu", "--quiet", "--out", str(tmp_path)]
+    assert main(["active-test", *common, "--eps", "0"]) == 2
+    assert main(["active-test", *common, "--eps", "16/255", "--n-points", "6", "--attacks", "kfgsm,vote-square"]) == 0
+    (path,) = tmp_path.glob("active-full-*-eps16.json")
+    res = json.loads(path.read_text())
+    assert res["n_points"] == 6 and set(res["attacks"]) == {"native:kfgsm", "native:vote-square"}
+    out = capsys.readouterr().out
+    assert "native:kfgsm" in out and "results:" in out
