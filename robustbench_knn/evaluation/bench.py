@@ -65,11 +65,12 @@ def run_bench(cfg: ExperimentConfig, *, device: str = "auto", repeats: int = 3, 
     bank = torch.randn(n_bank, cfg.model.w_p, device=dev)
     labels = torch.randint(0, cfg.model.n_classes, (n_bank,), device=dev)
     k = min(cfg.k, n_bank)
-    for method in ("fast", "dense"):
+    for method in ("exact", "fast", "dense"):  # exact: the default (float64, batch-independent) decision
         out[f"knn_{method}_seconds"] = _timed(
             lambda: knn_votes(emb, bank, labels, k=k, n_spaces=cfg.model.n_spaces, method=method), 1, dev,
             warmup=dev.type == "cuda")
     out["knn_speedup"] = out["knn_dense_seconds"] / out["knn_fast_seconds"]
+    out["knn_exact_vs_fast"] = out["knn_exact_seconds"] / out["knn_fast_seconds"]
     out["knn_shape"] = float(n_test * n_bank)
 
     net.eval()
