@@ -184,3 +184,16 @@ def test_deep_knn_subject_on_row_a_features(tiny_data_dir, tiny_data, cache_dir)
     x = tiny_data.test.floats()
     assert torch.allclose(d.embed(x[:4]), d.net.net.features(x[:4]))
     assert (d.predict(x) == tiny_data.test.y).float().mean() > 0.5  # well-separated tiny classes
+    # the backbone is named, with its own weights hash and head accuracy (planted bug caught: a subject that
+    # records neither, so a deep k-NN on a wrong checkpoint could not be told from one on the right one)
+    from robustbench_knn.config import apply_overrides, get_model_config
+    from robustbench_knn.paper.train import train_model
+
+    b = d.backbone
+    trained = train_model(apply_overrides(get_model_config("a"), sets), tiny_data, device="cpu", cache_dir=str(cache_dir))
+    with torch.no_grad():
+        head = (trained.net(x).argmax(1) == tiny_data.test.y).float().mean().item()
+    assert b["model"] == "a" and b["dataset_sha256"] == tiny_data.sha256 and len(b["weights_hash"]) == 12
+    assert b["head_clean_acc"] == round(100 * head, 2)
+    other = deep_knn_a(str(tiny_data_dir), k=5, device="cpu", cache_dir=str(cache_dir), sets=[*sets, "train.seed=1"])
+    assert other.backbone["weights_hash"] != b["weights_hash"]

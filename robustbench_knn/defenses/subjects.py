@@ -84,8 +84,27 @@ def deep_knn_a(data_dir: str | None = None, k: int = DEEP_KNN_K, device: str = "
 
     data = load_cifar10(data_dir)
     dev = _device(device)
-    trained = train_model(apply_overrides(get_model_config("a"), sets), data, device=dev, cache_dir=cache_dir, progress=False)
+    cfg = apply_overrides(get_model_config("a"), sets)
+    trained = train_model(cfg, data, device=dev, cache_dir=cache_dir, progress=False)
     emb = Penultimate(trained.net)
     bank = embed_in_batches(emb, trained.train_split.x, dev, batch_size=1024)
-    return KNNDefense(emb, trained.train_split.y.to(bank.device), bank_embeddings=bank, k=k, metric="l2",
-                      surrogate="softknn")
+    defense = KNNDefense(emb, trained.train_split.y.to(bank.device), bank_embeddings=bank, k=k, metric="l2",
+                         surrogate="softknn")
+    # which network the features come from, and how good its own head is: a deep k-NN far below its backbone's
+    # head is a sign of a wrong checkpoint (results and cards carry this)
+    with torch.no_grad():
+        logits = embed_in_batches(trained.net, data.test.x, dev, batch_size=1000)
+    defense.backbone = {"model": cfg.name, "config_hash": cfg.config_hash(),
+                        "weights_hash": _weights_digest(trained.net), "dataset_sha256": data.sha256,
+                        "head_clean_acc": round(100 * (logits.argmax(1).cpu() == data.test.y).float().mean().item(), 2)}
+    return defense
+
+
+def _weights_digest(net: nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, t in net.state_dict().items():
+        h.update(key.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]

@@ -76,7 +76,8 @@ class BenchmarkResult:
     def model_card(self) -> dict[str, Any]:
         """RobustBench's ``model_info`` fields, with the per-sample worst case in place of ``autoattack_acc`` and
         ``unreliable`` from an audit of the same model and ε, else from this run's cheap checks."""
-        return card_of(self.name, self.raw["dataset"], self.raw["per_eps"][0], self.n_examples)
+        card = card_of(self.name, self.raw["dataset"], self.raw["per_eps"][0], self.n_examples)
+        return {**card, **({"backbone": self.raw["backbone"]} if self.raw.get("backbone") else {})}
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """``<name>.json`` (everything), ``<name>.csv`` (per sample) and ``<name>.model-card.json``."""
@@ -176,7 +177,8 @@ def benchmark(model: Any, *, n_examples: int = 1000, eps: float = 8 / 255, attac
     raw = {"name": name, "dataset": DATASET_NAME, "dataset_sha256": data.sha256, "eps": float(eps), "seed": seed,
            "device": str(dev), "versions": versions(), "attacks": [s.key for s in specs], "labels": y.tolist(),
            "processes": part.world if part.group else 1, "surrogate": getattr(clf, "surrogate_name", "logits"),
-           "aligned": bool(getattr(clf, "aligned", False)),
+           "backbone": getattr(clf, "backbone", None),
+           "aligned": getattr(clf, "aligned", None),
            "note": suite_note(cell["families"], isinstance(clf, KNNDefense)),
            "wall_seconds": round(time.perf_counter() - t0, 1), **res}
     result = BenchmarkResult(

@@ -291,4 +291,5 @@ def audit_classifier(clf: torch.nn.Module, data: Any, eps: float, *, name: str, 
     save_audit_record(cells, result)
     return {"model": name, "config": config, "config_hash": config_hash, "dataset": DATASET_NAME,
             "dataset_sha256": data.sha256, "surrogate": getattr(clf, "surrogate_name", "logits"), "quick": quick,
-            "seed": seed, "device": str(clf.device), "versions": versions(), **result}
+            "seed": seed, "device": str(clf.device), "versions": versions(),
+            "backbone": getattr(clf, "backbone", None), **result}

@@ -64,7 +64,8 @@ def benchmark_config(
         result = evaluate_classifier(clf, data, specs, eps_list, name=cfg.name, n_test=n_test, n_clean=n_clean,
                                      seed=seed, overrides=overrides, batch_size=batch_size, cell_dir=cells,
                                      dataset_name=dataset_name, progress=progress, cascade=cascade)
-    head = {"model": cfg.name, "config": cfg.to_dict(), "config_hash": cfg.config_hash(), "surrogate": surrogate,
+    head = {"model": cfg.name, "config": cfg.to_dict(), "config_hash": cfg.config_hash(),
+            "surrogate": getattr(clf, "surrogate_name", "logits"),
             "device": str(dev)}
     result = {**head, **{k: v for k, v in result.items() if k not in head},
               "train_log": {k: trained.log[k] for k in ("train_seconds",)},
@@ -94,10 +95,12 @@ def evaluate_classifier(clf: torch.nn.Module, data: Any, specs: list[AttackSpec]
     annotate_reliability(attacked, clf, sub.floats()[:batch_size].to(clf.device), cell_dir)
     part = current()
     return {
-        "model": name, "config_hash": weights_hash(clf), "dataset": dataset_name, "dataset_sha256": data.sha256,
+        "model": name, "config_hash": weights_hash(clf), "backbone": getattr(clf, "backbone", None),
+        "dataset": dataset_name, "dataset_sha256": data.sha256,
         "n_clean": n_clean, "clean_acc_full": round(clean_acc, 2), "n_test": n_test, "seed": seed,
         "batch_size": batch_size, "surrogate": getattr(clf, "surrogate_name", "logits"),
-        "aligned": bool(getattr(clf, "aligned", False)), "device": str(clf.device), "versions": versions(),
+        # None for a logit classifier: its logits are its own, there is nothing to align
+        "aligned": getattr(clf, "aligned", None), "device": str(clf.device), "versions": versions(),
         "attacks": [s.key for s in specs], "eps": eps_list, **attacked,
         "processes": part.world if part.group else 1,
         **({"shard": {"index": part.rank, "count": part.world}} if part.shard else {}),
@@ -153,7 +156,7 @@ def save_results(result: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     """``evaluate-<model>-<hash>-<surrogate>[-unaligned]``: .json (everything), .csv (per attack) and
     .model-card.json (RobustBench's fields for the first ε; the others under ``more_eps``)."""
     out = Path(out_dir)
-    tag = "" if result.get("aligned", True) else "-unaligned"
+    tag = "-unaligned" if result.get("aligned") is False else ""
     stem = out / f"evaluate-{result['model']}-{result['config_hash']}-{result['surrogate']}{tag}"
     if "shard" in result:  # raw material for `merge`: no table or card of a part
         path = Path(f"{stem}.part-{result['shard']['index']}-of-{result['shard']['count']}.json")
@@ -163,6 +166,7 @@ def save_results(result: dict[str, Any], out_dir: str | os.PathLike) -> Path:
         return stem.with_suffix(".json")
     write_json(stem.with_suffix(".json"), result)
     write_text(stem.with_suffix(".csv"), summary_frame(result).to_csv(index=False))
-    cards = [card_of(result["model"], result["dataset"], r, result["n_test"]) for r in result["per_eps"]]
+    cards = [{**card_of(result["model"], result["dataset"], r, result["n_test"]),
+              **({"backbone": result["backbone"]} if result.get("backbone") else {})} for r in result["per_eps"]]
     write_json(Path(f"{stem}.model-card.json"), {**cards[0], "more_eps": cards[1:]})
     return stem.with_suffix(".json")
