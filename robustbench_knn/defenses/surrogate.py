@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -17,12 +17,21 @@ from ..config import UsageError
 from ..distances import pairwise_distance
 from .potential import class_potentials
 
-if TYPE_CHECKING:
-    from .defense import KNNDefense
+
+class DefenseBank(Protocol):
+    """What a surrogate reads from its defense (``defense.KNNDefense`` has it; named here, not imported, so the two
+    modules do not import each other)."""
+
+    bank: torch.Tensor
+    bank_labels: torch.Tensor
+    n_spaces: int
+    n_classes: int
+    lam: float | None
+    l0: float | None
 
 
 class PotentialSurrogate(nn.Module):
-    def __init__(self, clf: "KNNDefense") -> None:
+    def __init__(self, clf: "DefenseBank") -> None:
         super().__init__()
         self._clf = [clf]  # a list, so the classifier is not registered as a submodule (no cycle)
 
@@ -33,7 +42,7 @@ class PotentialSurrogate(nn.Module):
 
 
 class SoftKNNSurrogate(nn.Module):
-    def __init__(self, clf: "KNNDefense", m: int = 50, temperature: float = 1.0) -> None:
+    def __init__(self, clf: "DefenseBank", m: int = 50, temperature: float = 1.0) -> None:
         super().__init__()
         if m < 1 or temperature <= 0:
             raise UsageError("softknn needs m >= 1 and temperature > 0")
@@ -60,7 +69,7 @@ class SoftKNNSurrogate(nn.Module):
 SURROGATES: dict[str, Callable[..., nn.Module]] = {"potential": PotentialSurrogate, "softknn": SoftKNNSurrogate}
 
 
-def make_surrogate(name: str, clf: "KNNDefense", **options: float) -> nn.Module:
+def make_surrogate(name: str, clf: "DefenseBank", **options: float) -> nn.Module:
     try:
         return SURROGATES[name](clf, **options)
     except KeyError:
