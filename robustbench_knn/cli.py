@@ -646,7 +646,7 @@ def cmd_active_test(args: argparse.Namespace) -> None:
     from .attacks import parse_attack_list
     from .data import load_cifar10
     from .defenses.loading import resolve_model
-    from .devices import resolve_device
+    from .devices import machine_name, resolve_device
     from .evaluation.active_test import active_test, summary
     from .evaluation.evaluate import versions
     from .evaluation.experiment import weights_hash
@@ -673,7 +673,7 @@ def cmd_active_test(args: argparse.Namespace) -> None:
     res = active_test(clf, data.test.floats(), data.test.y, eps[0], specs, n_points=args.n_points,
                       seed=args.seed or 0, progress=not args.quiet)
     res = {"model": name, "weights_hash": weights_hash(clf), "dataset_sha256": data.sha256, "device": str(dev),
-           "versions": versions(), **res}
+           "machine": machine_name(dev), "versions": versions(), **res}
     path = Path(args.out) / f"active-{name}-{res['weights_hash']}-eps{eps[0] * 255:g}.json"
     write_json(path, res)
     print(summary(res))
