@@ -48,7 +48,6 @@ def check_writable_file(out: str, flag: str = "--out") -> None:
     removed at once (a permission check alone would pass for root, e.g. on /proc)."""
     import os
     import tempfile
-    from pathlib import Path
 
     path = Path(out).absolute()
     folder = path.parent
@@ -459,7 +458,6 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 def cmd_gate(args: argparse.Namespace) -> int:
     import datetime
-    from pathlib import Path
 
     from tabulate import tabulate
 
@@ -630,8 +628,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from .reports.leaderboard import write_leaderboard
 
     check_writable_file(str(Path(args.out) / "leaderboard.html"))  # before reading every card

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -46,6 +47,16 @@ def model_dir(cfg: ExperimentConfig, cache_dir: str | os.PathLike | None = None,
             if (other / "train_log.json").is_file() and (other / "weights.safetensors").is_file():
                 return other
     return own
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """12 hex digits of a module's weights and buffers, by name and value: names a model that has no config (a
+    user's defense, an exported file, a subject's backbone)."""
+    h = hashlib.sha256()
+    for key, t in module.state_dict().items():
+        h.update(key.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
 
 
 def _atomic(path: Path, write) -> None:  # noqa: ANN001 - write(tmp_path)

@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 
@@ -113,8 +112,6 @@ def test_bad_input_refused_before_any_training(case, tmp_path, tiny_data_dir, mo
     """One line on stderr, exit 2, no training (the one path every training takes refuses) and nothing written."""
     from robustbench_knn.paper import train as train_mod
 
-    if case == "export-out-in-proc" and not os.path.isdir("/proc"):
-        pytest.skip("no /proc here")
     build, msg = REFUSED_BEFORE_WORK[case]
     args = build(tmp_path)
     monkeypatch.setattr(train_mod, "_load_or_train", lambda *a, **k: pytest.fail("trained before checking input"))

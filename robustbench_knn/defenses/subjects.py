@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..devices import resolve_device
+from ..store import state_digest
 from .defense import KNNDefense, embed_in_batches
 from .knn import knn_votes_for_ks, vote_decision
 
@@ -95,16 +96,6 @@ def deep_knn_a(data_dir: str | None = None, k: int = DEEP_KNN_K, device: str = "
     with torch.no_grad():
         logits = embed_in_batches(trained.net, data.test.x, dev, batch_size=1000)
     defense.backbone = {"model": cfg.name, "config_hash": cfg.config_hash(),
-                        "weights_hash": _weights_digest(trained.net), "dataset_sha256": data.sha256,
+                        "weights_hash": state_digest(trained.net), "dataset_sha256": data.sha256,
                         "head_clean_acc": round(100 * (logits.argmax(1).cpu() == data.test.y).float().mean().item(), 2)}
     return defense
-
-
-def _weights_digest(net: nn.Module) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for key, t in net.state_dict().items():
-        h.update(key.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:12]

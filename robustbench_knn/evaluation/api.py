@@ -76,8 +76,7 @@ class BenchmarkResult:
     def model_card(self) -> dict[str, Any]:
         """RobustBench's ``model_info`` fields, with the per-sample worst case in place of ``autoattack_acc`` and
         ``unreliable`` from an audit of the same model and ε, else from this run's cheap checks."""
-        card = card_of(self.name, self.raw["dataset"], self.raw["per_eps"][0], self.n_examples)
-        return {**card, **({"backbone": self.raw["backbone"]} if self.raw.get("backbone") else {})}
+        return card_of(self.name, self.raw["dataset"], self.raw["per_eps"][0], self.n_examples, self.raw.get("backbone"))
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """``<name>.json`` (everything), ``<name>.csv`` (per sample) and ``<name>.model-card.json``."""

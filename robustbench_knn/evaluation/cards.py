@@ -22,11 +22,13 @@ def eps_label(eps: float) -> str:
 
 def model_card(name: str, dataset: str, eps: float, clean_acc: float, robust_acc: float,
                per_attack: dict[str, float], n_examples: int, unreliable: bool | None = None,
-               footnote: str | None = None, n_invalid: dict[str, int] | None = None) -> dict[str, Any]:
+               footnote: str | None = None, n_invalid: dict[str, int] | None = None,
+               backbone: dict[str, Any] | None = None) -> dict[str, Any]:
     """RobustBench's ``model_info`` fields (accuracies as strings in %, as there), with the per-sample worst case
     over every attack in place of ``autoattack_acc`` and the per-attack breakdown; ``unreliable`` from an audit
-    or the run's cheap checks (None only where no check ran)."""
-    return {
+    or the run's cheap checks (None only where no check ran); ``backbone``: the network a subject's features
+    come from (its hashes and head accuracy), where there is one."""
+    card = {
         "name": name, "dataset": "cifar10", "dataset_detail": dataset, "threat_model": "Linf",
         "eps": eps_label(eps),
         "clean_acc": f"{clean_acc:.2f}", "reported": None, "worst_case_robust_acc": f"{robust_acc:.2f}",
@@ -36,6 +38,7 @@ def model_card(name: str, dataset: str, eps: float, clean_acc: float, robust_acc
         "attacks": {k: f"{v:.2f}" for k, v in per_attack.items()},
         "invalid_examples": {k: v for k, v in (n_invalid or {}).items() if v},
     }
+    return {**card, "backbone": backbone} if backbone else card
 
 
 def audit_record_path(cells: str | os.PathLike, eps: float) -> Path:
@@ -71,10 +74,11 @@ def annotate_reliability(result: dict[str, Any], clf: torch.nn.Module, x: torch.
                   "families": families, "audit": audit})
 
 
-def card_of(name: str, dataset: str, r: dict[str, Any], n: int) -> dict[str, Any]:
+def card_of(name: str, dataset: str, r: dict[str, Any], n: int, backbone: dict[str, Any] | None = None
+            ) -> dict[str, Any]:
     """The card of one ε of a result annotated by :func:`annotate_reliability`."""
     return model_card(name, dataset, r["eps"], r["clean_acc"], r["worst_case_acc"],
                       {k + (" (on survivors)" if a.get("on_survivors") else ""): a["robust_acc"]
                        for k, a in r["attacks"].items() if "robust_acc" in a}, n,
                       unreliable=r.get("unreliable"), footnote=r.get("footnote"),
-                      n_invalid={k: a.get("n_invalid", 0) for k, a in r["attacks"].items()})
+                      n_invalid={k: a.get("n_invalid", 0) for k, a in r["attacks"].items()}, backbone=backbone)

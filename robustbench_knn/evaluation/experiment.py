@@ -4,7 +4,6 @@ attack it, save results as JSON + CSV and return them (what ``evaluate`` and ``t
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from ..data import DATASET_LABEL, load_cifar10
 from ..devices import resolve_device
 from ..paper.classifier import build_classifier
 from ..paper.train import train_model
-from ..store import model_dir, write_json, write_text
+from ..store import model_dir, state_digest, write_json, write_text
 from .cards import annotate_reliability, card_of, eps_label
 from .distributed import current
 from .evaluate import predict_split, run_attacks, versions
@@ -120,11 +119,7 @@ def defense_cells(clf: torch.nn.Module, dataset_sha: str, cache_dir: str | None 
 def weights_hash(clf: torch.nn.Module) -> str:
     """12 hex digits of the defense's weights and buffers (the bank too): names a result of a model that has no
     config (a user's defense, an exported file)."""
-    h = hashlib.sha256()
-    for key, t in clf.state_dict().items():
-        h.update(key.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:12]
+    return state_digest(clf)
 
 
 def cell_dir(cfg: ExperimentConfig, surrogate: str, dataset_sha: str, cache_dir: str | None = None) -> Path:
@@ -166,7 +161,7 @@ def save_results(result: dict[str, Any], out_dir: str | os.PathLike) -> Path:
         return stem.with_suffix(".json")
     write_json(stem.with_suffix(".json"), result)
     write_text(stem.with_suffix(".csv"), summary_frame(result).to_csv(index=False))
-    cards = [{**card_of(result["model"], result["dataset"], r, result["n_test"]),
-              **({"backbone": result["backbone"]} if result.get("backbone") else {})} for r in result["per_eps"]]
+    cards = [card_of(result["model"], result["dataset"], r, result["n_test"], result.get("backbone"))
+             for r in result["per_eps"]]
     write_json(Path(f"{stem}.model-card.json"), {**cards[0], "more_eps": cards[1:]})
     return stem.with_suffix(".json")
