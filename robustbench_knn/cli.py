@@ -248,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--attack-steps", type=int, default=10, help="steps of each attack in the throughput pairs")
+    p.add_argument("--steps", action="store_true",
+                   help="instead: one attack step part by part (network, k-NN loss, vote) and each part against the "
+                        "network alone, at the batch sizes of --batches")
+    p.add_argument("--batches", default="250,1000", help="batch sizes for --steps")
 
     p = sub.add_parser("leaderboard", help="RobustBench-style tables (md, csv, html) from the model cards under DIRs")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="folders searched recursively for *.model-card.json")
@@ -621,6 +625,19 @@ def cmd_merge(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from .evaluation.bench import run_bench
 
+    if args.steps:
+        import torch
+        from tabulate import tabulate
+
+        from .devices import resolve_device
+        from .evaluation.step_bench import breakdown_rows, step_breakdown
+
+        batches = [int(b) for b in args.batches.split(",")]  # parsed before any work
+        res = [step_breakdown(get_model_config(args.model), batch=b, device=args.device, repeats=args.repeats)
+               for b in batches]
+        print(f"device {resolve_device(args.device)}, {torch.get_num_threads()} thread(s), torch {torch.__version__}")
+        print(tabulate(breakdown_rows(res), headers="keys", tablefmt="github"))
+        return
     res = run_bench(get_model_config(args.model), device=args.device, repeats=args.repeats,
                     attack_steps=args.attack_steps)
     for k, v in res.items():

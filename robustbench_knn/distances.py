@@ -55,7 +55,7 @@ def _bank_terms(sb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _LAST_BANK: list[Any] = []  # [weak ref to the bank, its version, n_spaces, its terms]: the bank attacks step on
 
 
-def _fixed_bank_terms(b: torch.Tensor, n_spaces: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fixed_bank_terms(b: torch.Tensor, n_spaces: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_bank_terms` of a fixed bank, kept between calls: an attack computes the distance to the same bank
     at every step, and laying out a wide bank (50k × 2078 for deep k-NN) cost 40% of each step at batch 250 on
     the CPU (76% at 16 points). One entry, found by the bank's identity (a weak reference: a freed bank is never
@@ -77,7 +77,7 @@ class _DistanceToFixedBank(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor, n_spaces: int) -> torch.Tensor:  # type: ignore[override]
-        r = _space_distances(split_spaces(a, n_spaces), None, bank=_fixed_bank_terms(b, n_spaces))
+        r = _space_distances(split_spaces(a, n_spaces), None, bank=fixed_bank_terms(b, n_spaces))
         ctx.save_for_backward(a, b, r)
         ctx.n_spaces = n_spaces
         return r.sum(0)
@@ -92,13 +92,63 @@ class _DistanceToFixedBank(torch.autograd.Function):
         return ga.transpose(0, 1).reshape(a.shape), None, None
 
 
+BLOCK_ELEMENTS = 1 << 18  # N × block floats per buffer: a few such buffers stay in the last-level cache
+
+
+class BankBlocks:
+    """Distances from a batch to a fixed bank, block by block over the bank's columns, and the backward of any
+    loss of those distances from its gradient ∂L/∂D, also per block. For losses over every bank point (the §2.5
+    potentials, soft-kNN over k neighbours): written over whole N × M tensors, the chain distance → loss and its
+    backward walked 250 × 50,000 matrices a dozen times and page-faulted fresh ones in at every attack step. Here
+    each block lives in buffers reused across blocks, and the backward recomputes a block's distances instead of
+    keeping them."""
+
+    def __init__(self, emb: torch.Tensor, bank: torch.Tensor, n_spaces: int) -> None:
+        self.sa = split_spaces(emb, n_spaces)  # (S, N, d)
+        self.na = self.sa.pow(2).sum(-1, keepdim=True)  # (S, N, 1)
+        self.norms_b, self.sb_t = fixed_bank_terms(bank, n_spaces)  # (S, 1, M), (S, d, M)
+        self.sb = split_spaces(bank, n_spaces)  # (S, M, d)
+        n, self.m = emb.shape[0], bank.shape[0]
+        self.width = max(64, min(self.m, BLOCK_ELEMENTS // max(1, n)))
+        self.r = torch.empty((n_spaces, n, self.width), dtype=emb.dtype, device=emb.device)
+        self.d = torch.empty((n, self.width), dtype=emb.dtype, device=emb.device)
+        self.q = torch.empty_like(self.d)
+        self.grad_sa = torch.zeros_like(self.sa)
+        self.q_rows = torch.zeros_like(self.na)  # (S, N, 1): Σ_i Q_ui per sub-space
+        self.shape = emb.shape
+
+    def ranges(self):
+        return ((s, min(s + self.width, self.m)) for s in range(0, self.m, self.width))
+
+    def distances(self, s: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sub-space distances (S, N, t−s) and their sum D (N, t−s) to bank columns s..t (buffers: valid until
+        the next call)."""
+        r = self.r[:, :, :t - s]
+        torch.add(self.na, self.norms_b[:, :, s:t], out=r)
+        torch.baddbmm(r, self.sa, self.sb_t[:, :, s:t], alpha=-2, out=r).clamp_min_(0).sqrt_()
+        d = self.d[:, :t - s]
+        return r, (torch.sum(r, 0, out=d) if r.shape[0] > 1 else d.copy_(r[0]))
+
+    def backprop(self, s: int, t: int, r: torch.Tensor, grad_d: torch.Tensor) -> None:
+        """Add block s..t's share of ∂L/∂emb from ∂L/∂D: ∂D/∂a^j = (a^j − b^j)/r^j, so with Q = ∂L/∂D / r^j
+        (0 where r^j = 0, a duplicate point) grad a^j = rowsum(Q)·a^j − Q·b^j."""
+        for j in range(r.shape[0]):
+            q = torch.div(grad_d, r[j], out=self.q[:, :t - s]).masked_fill_(r[j] == 0, 0.0)  # NaN elsewhere stays
+            self.q_rows[j] += q.sum(1, keepdim=True)
+            self.grad_sa[j].addmm_(q, self.sb[j, s:t], alpha=-1)
+
+    def grad(self) -> torch.Tensor:
+        """∂L/∂emb (N, W) from every block :meth:`backprop` has seen."""
+        return (self.grad_sa + self.q_rows * self.sa).transpose(0, 1).reshape(self.shape)
+
+
 def pairwise_distance(a: torch.Tensor, b: torch.Tensor, n_spaces: int, *,
                       workspace: list[Any] | None = None) -> torch.Tensor:
     """d(a_u, b_v) = Σ_j ‖a_u^j − b_v^j‖ for all pairs, shape (len(a), len(b)).
 
     Uses ‖a‖² + ‖b‖² − 2a·b (matmul speed); clamped at 0 against rounding. Three paths with the same values:
     no gradient (the k-NN vote): in place, reusing the buffers in ``workspace`` (a list the caller keeps
-    between chunks; filled on first use), the bank's layout kept by :func:`_fixed_bank_terms`; gradient for ``a`` only (attacks against a fixed bank): a
+    between chunks; filled on first use), the bank's layout kept by :func:`fixed_bank_terms`; gradient for ``a`` only (attacks against a fixed bank): a
     written-out backward; gradient for ``b`` too (training): plain autograd with a guarded square root.
     """
     grad_a = torch.is_grad_enabled() and a.requires_grad
@@ -110,7 +160,7 @@ def pairwise_distance(a: torch.Tensor, b: torch.Tensor, n_spaces: int, *,
         return _safe_sqrt(sq.clamp_min(0)).sum(0)
     if grad_a:
         return _DistanceToFixedBank.apply(a, b, n_spaces)
-    sa, bank = split_spaces(a, n_spaces), _fixed_bank_terms(b, n_spaces)  # the bank's layout: kept, not redone
+    sa, bank = split_spaces(a, n_spaces), fixed_bank_terms(b, n_spaces)  # the bank's layout: kept, not redone
     if workspace is None:  # e.g. a query-only attack's forward
         return _space_distances(sa, None, bank=bank).sum(0)
     if not workspace or workspace[0].shape[1] < len(a) or workspace[2] is not b:

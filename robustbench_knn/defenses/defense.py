@@ -170,17 +170,22 @@ class KNNDefense(BaseClassifier):
         e = self.net(x).flatten(1)
         return F.normalize(e, dim=1) if self.normalize else e
 
-    def _votes_of(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return knn_votes(emb, self.bank, self.bank_labels, k=self.k, n_spaces=self.n_spaces, n_classes=self.n_classes)
+    def _votes_of(self, emb: torch.Tensor, dist: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return knn_votes(emb, self.bank, self.bank_labels, k=self.k, n_spaces=self.n_spaces, n_classes=self.n_classes,
+                         dist=dist)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         emb = self.embed(x)
-        logits = self.surrogate(emb)
-        if self.aligned:
-            with torch.no_grad():
-                decision = vote_decision(*self._votes_of(emb.detach()))
-            logits = aligned_logits(logits, decision)
-        return logits
+        if not self.aligned:
+            return self.surrogate(emb)
+        dist = None  # the surrogate's own distances of emb, where it has them: the vote needs the same ones
+        if hasattr(self.surrogate, "logits_and_distances"):
+            logits, dist = self.surrogate.logits_and_distances(emb)
+        else:
+            logits = self.surrogate(emb)
+        with torch.no_grad():
+            decision = vote_decision(*self._votes_of(emb.detach(), dist))
+        return aligned_logits(logits, decision)
 
     def surrogate_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The surrogate's own logits, never aligned (for checking how well it agrees with the vote)."""

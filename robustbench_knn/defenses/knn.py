@@ -140,18 +140,21 @@ def knn_votes(
     n_classes: int = 10,
     chunk: int = DEFAULT_CHUNK,
     method: str = "exact",
+    dist: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Vote counts (N, K) as int64 and summed neighbour distance per class (N, K), float64. ``method``:
     "exact" (the default: float32 candidates decided in float64, the same for a point in any batch), "fast"
     (float32 ``topk``, the exact rule only for rows tied at the k-th distance) or "dense" (float32, the exact
-    rule on every row); the float32 methods are kept for the speed bench."""
+    rule on every row); the float32 methods are kept for the speed bench. ``dist``: the float32 distances of
+    ``emb`` to the bank if the caller already has them (a surrogate's forward of the same embedding); with the
+    exact method they only propose candidates, so the decision is the same as without them."""
     return knn_votes_for_ks(emb, train_emb, train_labels, ks=(k,), n_spaces=n_spaces, n_classes=n_classes,
-                            chunk=chunk, method=method)[k]
+                            chunk=chunk, method=method, dist=dist)[k]
 
 
 def knn_votes_for_ks(emb: torch.Tensor, train_emb: torch.Tensor, train_labels: torch.Tensor, *, ks: Sequence[int],
-                     n_spaces: int = 2, n_classes: int = 10, chunk: int = DEFAULT_CHUNK, method: str = "exact"
-                     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+                     n_spaces: int = 2, n_classes: int = 10, chunk: int = DEFAULT_CHUNK, method: str = "exact",
+                     dist: torch.Tensor | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """:func:`knn_votes` for several k from one pass over the distances (choosing k on a validation split:
     the distances, not the votes, are the cost)."""
     if method not in ("exact", "fast", "dense"):
@@ -159,18 +162,21 @@ def knn_votes_for_ks(emb: torch.Tensor, train_emb: torch.Tensor, train_labels: t
     for k in ks:
         if not 1 <= k <= len(train_emb):
             raise ValueError(f"k={k} must be in [1, {len(train_emb)}] (the size of the training bank)")
+    if dist is not None and (method != "exact" or dist.shape != (len(emb), len(train_emb))):
+        raise ValueError("precomputed distances need method='exact' and shape (len(emb), len(train_emb))")
     parts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {k: [] for k in ks}
     workspace: list = []  # the chunks' N×M buffers, allocated once
     with torch.no_grad():
         for start in range(0, len(emb), chunk):
-            dist = pairwise_distance(emb[start:start + chunk], train_emb, n_spaces, workspace=workspace)
+            part = (pairwise_distance(emb[start:start + chunk], train_emb, n_spaces, workspace=workspace)
+                    if dist is None else dist[start:start + chunk])
             if method == "exact":
-                refined = _refine(emb[start:start + chunk], train_emb, train_labels, dist, ks, n_spaces, n_classes)
+                refined = _refine(emb[start:start + chunk], train_emb, train_labels, part, ks, n_spaces, n_classes)
                 for k in ks:
                     parts[k].append(refined[k])
             else:
                 for k in ks:
-                    parts[k].append(_vote_chunk(dist, train_labels, k, n_classes, method))
+                    parts[k].append(_vote_chunk(part, train_labels, k, n_classes, method))
     if not len(emb):
         return {k: (torch.zeros(0, n_classes, dtype=torch.long, device=emb.device),
                     torch.zeros(0, n_classes, dtype=torch.float64, device=emb.device)) for k in ks}

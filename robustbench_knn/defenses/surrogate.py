@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import UsageError
-from ..distances import pairwise_distance
+from ..distances import BankBlocks
 from .potential import class_potentials
 
 
@@ -41,6 +41,49 @@ class PotentialSurrogate(nn.Module):
                                  n_classes=clf.n_classes)
 
 
+class _SoftKNNLogits(torch.autograd.Function):
+    """logit_c = logsumexp over the m nearest bank points of class c of (−D/T), from distances computed block by
+    block without a gradient (:class:`BankBlocks`); the backward sends ∂L/∂D (non-zero on the selected points
+    only: −G_c·softmax/T) through the blocks' distances again. Also returns the N × M distances, which the
+    defense's hard vote of the same embedding reuses."""
+
+    @staticmethod
+    def forward(ctx, emb: torch.Tensor, bank: torch.Tensor, class_idx: list[torch.Tensor], n_spaces: int, m: int,
+                temperature: float) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        blocks = BankBlocks(emb, bank, n_spaces)
+        dist = emb.new_empty(len(emb), len(bank))
+        for s, t in blocks.ranges():
+            dist[:, s:t] = blocks.distances(s, t)[1]
+        cols, sel, weights = [], [], []
+        for idx in class_idx:
+            mc = min(m, len(idx))
+            if mc == 0:  # a class absent from the bank can never be voted for
+                cols.append(emb.new_full((len(emb),), float("-inf")))
+                continue
+            near, pos = torch.topk(dist[:, idx], mc, dim=1, largest=False, sorted=False)
+            z = -near / temperature
+            cols.append(torch.logsumexp(z, dim=1))
+            sel.append(idx[pos])
+            weights.append(torch.softmax(z, dim=1))
+        ctx.save_for_backward(emb)
+        ctx.rest = (bank, sel, weights, n_spaces, temperature, [len(i) > 0 for i in class_idx])
+        ctx.mark_non_differentiable(dist)
+        return torch.stack(cols, 1), dist
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor, _grad_dist: torch.Tensor | None):  # type: ignore[override]
+        (emb,), (bank, sel, weights, n_spaces, temperature, present) = ctx.saved_tensors, ctx.rest
+        grad_d = emb.new_zeros(len(emb), len(bank))
+        cls = [c for c, p in enumerate(present) if p]
+        for c, idx, w in zip(cls, sel, weights):
+            grad_d.scatter_(1, idx, w * (-grad[:, c:c + 1] / temperature))
+        blocks = BankBlocks(emb, bank, n_spaces)
+        for s, t in blocks.ranges():
+            blocks.backprop(s, t, blocks.distances(s, t)[0], grad_d[:, s:t])
+        return blocks.grad(), None, None, None, None, None
+
+
 class SoftKNNSurrogate(nn.Module):
     def __init__(self, clf: "DefenseBank", m: int = 50, temperature: float = 1.0) -> None:
         super().__init__()
@@ -52,18 +95,16 @@ class SoftKNNSurrogate(nn.Module):
         # indices of each class's training points, so the per-class top-m never mixes classes
         self._class_idx = [torch.nonzero(clf.bank_labels == c).squeeze(1) for c in range(clf.n_classes)]
 
-    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+    def logits_and_distances(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits and the N × M distances they came from (no gradient), for a vote of the same ``emb``."""
         clf = self._clf[0]
-        dist = pairwise_distance(emb, clf.bank, clf.n_spaces)
-        cols = []
-        for idx in self._class_idx:
-            m = min(self.m, len(idx))
-            if m == 0:  # a class absent from the bank can never be voted for
-                cols.append(torch.full((len(emb),), float("-inf"), device=emb.device, dtype=emb.dtype))
-                continue
-            near = torch.topk(dist[:, idx.to(dist.device)], m, dim=1, largest=False).values
-            cols.append(torch.logsumexp(-near / self.temperature, dim=1))
-        return torch.stack(cols, 1)
+        if torch.is_grad_enabled() and clf.bank.requires_grad:
+            raise UsageError("the soft-kNN surrogate needs a fixed bank (no gradient for it)")
+        idx = [i.to(emb.device) for i in self._class_idx]
+        return _SoftKNNLogits.apply(emb, clf.bank, idx, clf.n_spaces, self.m, self.temperature)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.logits_and_distances(emb)[0]
 
 
 SURROGATES: dict[str, Callable[..., nn.Module]] = {"potential": PotentialSurrogate, "softknn": SoftKNNSurrogate}

@@ -1,0 +1,87 @@
+"""The blocked k-NN loss paths (``distances.BankBlocks``: §2.5 potentials, soft-kNN logits, the vote fed the
+surrogate's distances) against the whole-matrix implementations they replaced: same values, same gradients."""
+
+import pytest
+import torch
+
+from robustbench_knn import distances
+from robustbench_knn.defenses import potential
+from robustbench_knn.defenses.defense import KNNDefense
+from robustbench_knn.defenses.knn import knn_votes
+from robustbench_knn.distances import pairwise_distance
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(distances, "BLOCK_ELEMENTS", 64)  # many blocks, a short last one
+
+
+def _data(seed, n=9, m=301, w=6, classes=4):
+    g = torch.Generator().manual_seed(seed)
+    bank = torch.randn(m, w, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(0, classes, (m,), generator=g)
+    emb = torch.randn(n, w, generator=g, dtype=torch.float64) * 3
+    emb[0] = bank[5]  # a test point on a bank point: distance 0 in both sub-spaces
+    emb[1, :3] = bank[7, :3]  # on a bank point in one sub-space only
+    return emb, bank, labels
+
+
+def _value_and_grad(fn, emb, upstream):
+    e = emb.clone().requires_grad_(True)
+    out = fn(e)
+    return out.detach(), torch.autograd.grad((out * upstream).sum(), e)[0]
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 3.0])  # all within l0, mixed, mostly beyond
+def test_blocked_potentials_match_whole_matrix_autograd(scale):
+    emb, bank, labels = _data(1)
+    emb, bank = emb * scale, bank * scale
+    kw = dict(n_spaces=2, lam=0.5, l0=7.0, n_classes=4)
+    upstream = torch.randn(len(emb), 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    got = _value_and_grad(lambda e: potential.class_potentials(e, bank, labels, **kw), emb, upstream)
+    want = _value_and_grad(lambda e: potential._potentials_autograd(e, bank, labels, **kw), emb, upstream)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-7, atol=1e-7)  # rounding of near-zero distances
+
+
+def _softknn_whole_matrix(emb, bank, labels, n_spaces, m, temperature, classes):
+    """The soft-kNN logits as written before the blocked path: autograd through the whole distance matrix."""
+    dist = pairwise_distance(emb, bank, n_spaces)
+    cols = []
+    for c in range(classes):
+        idx = torch.nonzero(labels == c).squeeze(1)
+        near = torch.topk(dist[:, idx], min(m, len(idx)), dim=1, largest=False).values
+        cols.append(torch.logsumexp(-near / temperature, dim=1))
+    return torch.stack(cols, 1)
+
+
+@pytest.mark.parametrize("m", [1, 7, 200])  # 200: more than any class has (every point of the class)
+def test_blocked_softknn_matches_whole_matrix_autograd(m):
+    emb, bank, labels = _data(3)
+    defense = KNNDefense(torch.nn.Identity(), labels, bank_embeddings=bank, k=5, metric="sum-l2:2",
+                         surrogate="softknn", m=m, temperature=0.7).double()
+    bank = defense.bank  # the defense keeps its bank in float32
+    upstream = torch.randn(len(emb), 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    got = _value_and_grad(defense.surrogate, emb, upstream)
+    want = _value_and_grad(lambda e: _softknn_whole_matrix(e, bank, labels, 2, m, 0.7, 4), emb, upstream)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-7, atol=1e-7)  # rounding of near-zero distances
+
+
+def test_vote_from_the_surrogates_distances_is_the_same_decision():
+    emb, bank, labels = _data(5, n=40)
+    emb, bank = emb.float(), bank.float()
+    emb[2] = (bank[0] + bank[1]) / 2  # equidistant from two bank points: a tie at the edge
+    defense = KNNDefense(torch.nn.Identity(), labels, bank_embeddings=bank, k=9, metric="sum-l2:2")
+    _, dist = defense.surrogate.logits_and_distances(emb)
+    for k in (1, 9, 50):
+        with_dist = knn_votes(emb, bank, labels, k=k, n_spaces=2, n_classes=4, dist=dist)
+        without = knn_votes(emb, bank, labels, k=k, n_spaces=2, n_classes=4)
+        assert all(torch.equal(a, b) for a, b in zip(with_dist, without))
+    assert torch.equal(defense(emb).argmax(1), defense.predict(emb))  # aligned logits: argmax is the vote
+
+
+def test_vote_refuses_distances_of_another_shape():
+    emb, bank, labels = _data(6)
+    with pytest.raises(ValueError, match="precomputed distances"):
+        knn_votes(emb, bank, labels, k=3, n_spaces=2, n_classes=4, dist=torch.zeros(len(emb), 5))
