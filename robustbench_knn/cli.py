@@ -23,16 +23,17 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def parse_eps(text: str) -> list[float]:
-    """'8/255,16/255' or '0.031' → floats in [0, 1]."""
+def parse_eps(text: str, norm: str = "Linf") -> list[float]:
+    """'8/255,16/255' or '0.031' → floats in [0, 1] (ℓ∞); for ℓ2 any finite value >= 0 ('0.5', '128/255')."""
     out = []
     for part in (p.strip() for p in text.split(",")):
         try:
             val = float(Fraction(part)) if "/" in part else float(part)
         except (ValueError, ZeroDivisionError):
             raise UsageError(f"malformed eps {part!r}: use e.g. 8/255 or 0.031") from None
-        if not 0 <= val <= 1 or val != val:
-            raise UsageError(f"eps {part!r} must be in [0, 1] (pixel units)")
+        if not 0 <= val <= (1 if norm == "Linf" else float("inf")) or val != val:
+            raise UsageError(f"eps {part!r} must be in [0, 1] (pixel units)" if norm == "Linf" else
+                             f"eps {part!r} must be a finite number >= 0 (ℓ2 radius in pixel units)")
         out.append(val)
     if not out:
         raise UsageError("--eps needs at least one value")
@@ -113,6 +114,22 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _norm_options(p: argparse.ArgumentParser, eps_help: str = "comma list") -> None:
+    p.add_argument("--norm", default="Linf", help="threat model: Linf (default) or L2 (RobustBench's spelling)")
+    p.add_argument("--eps", help=f"{eps_help} in pixel units of --norm; default Linf: 8/255,16/255, L2: 0.5,1.0")
+
+
+def _threat(args: argparse.Namespace, one: bool = False) -> tuple[str, list[float]]:
+    """--norm and --eps, checked before any work (ε's default depends on the norm)."""
+    from .norms import DEFAULT_EPS, parse_norm
+
+    norm = parse_norm(args.norm)
+    eps = parse_eps(args.eps or (DEFAULT_EPS[norm].split(",")[0] if one else DEFAULT_EPS[norm]), norm)
+    if one and len(eps) != 1:
+        raise UsageError(f"--eps takes one value here, not {args.eps!r}")
+    return norm, eps
+
+
 def _version() -> str:
     """The installed distribution's version; the package's own when run from a checkout without installing."""
     from importlib.metadata import PackageNotFoundError, version
@@ -140,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "attacks on the vote (feature, softknn-apgd, softknn-apgd-dlr) and the gradient-free "
                         "vote-square; on a logit classifier AutoAttack standard")
     p.add_argument("--attack-param", action="append", default=[], metavar="ATTACK.PARAM=VALUE")
-    p.add_argument("--eps", default="8/255,16/255", help="comma list, e.g. 8/255,16/255 or 0.031")
+    _norm_options(p)
     p.add_argument("--n-test", type=int, default=1000, help="first N test images are attacked")
     p.add_argument("--n-clean", type=int, help="first N test images for clean accuracy (default: all)")
     p.add_argument("--surrogate", default="potential", help="potential or softknn")
@@ -287,7 +304,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                                             get_model_config(args.model).model.head == "logits"))
         args.default_suite = True
     specs = parse_attack_list(args.attacks)
-    eps = parse_eps(args.eps)
+    args.norm, eps = _threat(args)
+    for spec in specs:  # an attack without a form for the norm: one line, before any work
+        spec.check_norm(args.norm)
     overrides = _attack_overrides(args.attack_param, specs)
     if args.surrogate not in SURROGATES:
         raise UsageError(f"unknown surrogate {args.surrogate!r}; choose from {', '.join(SURROGATES)}")
@@ -316,7 +335,8 @@ def _run_evaluate(args: argparse.Namespace, specs: list[Any], eps: list[float],
         result = benchmark_config(cfg, specs, eps, n_test=args.n_test, n_clean=args.n_clean, data_dir=args.data_dir,
                                   cache_dir=args.cache_dir, device=args.device, seed=args.seed or 0,
                                   surrogate=args.surrogate, overrides=overrides, batch_size=args.batch_size,
-                                  progress=not args.quiet, aligned=args.aligned, cascade=args.cascade)
+                                  progress=not args.quiet, aligned=args.aligned, cascade=args.cascade,
+                                  norm=args.norm)
     else:
         result = _evaluate_loaded(args, specs, eps, overrides)
     path = save_results(result, args.out)
@@ -329,8 +349,11 @@ def _run_evaluate(args: argparse.Namespace, specs: list[Any], eps: list[float],
     print(tabulate(summary_frame(result), headers="keys", tablefmt="github", showindex=False))
     from .evaluation.api import suite_note
 
+    from .evaluation.cards import eps_label
+
     for r in result["per_eps"]:
-        print(f"ε = {r['eps'] * 255:g}/255: " + ("UNRELIABLE — " if r.get("unreliable") else "") + r["footnote"])
+        print(f"{args.norm} ε = {eps_label(r['eps'])}: " + ("UNRELIABLE — " if r.get("unreliable") else "")
+              + r["footnote"])
     note = suite_note(result["per_eps"][0].get("families", {}), result.get("surrogate", "logits") != "logits")
     if note:
         print(note)
@@ -368,7 +391,7 @@ def _evaluate_loaded(args: argparse.Namespace, specs: list[Any], eps: list[float
         return evaluate_classifier(clf, data, specs, eps, name=name, n_test=args.n_test, n_clean=args.n_clean,
                                    seed=args.seed or 0, overrides=overrides, batch_size=args.batch_size,
                                    cell_dir=defense_cells(clf, data.sha256, args.cache_dir), progress=not args.quiet,
-                                   cascade=args.cascade)
+                                   cascade=args.cascade, norm=args.norm)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -442,9 +465,10 @@ def cmd_attacks(args: argparse.Namespace) -> None:
 
     from .attacks import DEFAULT_TOOLKIT, REGISTRY
 
-    rows = [[s.key, "yes" if DEFAULT_TOOLKIT.get(s.name) == s.toolkit else "", json.dumps(s.defaults), s.description]
-            for s in REGISTRY.values()]
-    print(tabulate(rows, headers=["attack", "default for name", "parameters", "description"], tablefmt="github"))
+    rows = [[s.key, "yes" if DEFAULT_TOOLKIT.get(s.name) == s.toolkit else "", ",".join(s.norms), json.dumps(s.defaults),
+             s.description] for s in REGISTRY.values()]
+    print(tabulate(rows, headers=["attack", "default for name", "norms", "parameters", "description"],
+                   tablefmt="github"))
 
 
 def cmd_search(args: argparse.Namespace) -> None:

@@ -1,6 +1,7 @@
 """adversarial-robustness-toolbox (prefix ``art:``): a ``PyTorchClassifier`` over the classifier's logits.
 Defaults: PGD as torchattacks (10 steps, ε/4, random start); APGD 100 iterations, 1 restart, initial step
-2ε (AutoAttack's); Square 5000 queries; ART's AutoAttack with its default attack list."""
+2ε (AutoAttack's); Square 5000 queries; ART's AutoAttack with its default attack list. Every one takes ART's
+``norm=2`` for ℓ2."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ class ARTAttack(Attack):
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         seed = self.params.get("seed", 0)
         np.random.seed(seed)  # ART draws random starts and Square's squares from numpy's global generator
-        atk = self.build(art_estimator(self.model), self.eps, len(x), **self.params)
+        atk = self.build(art_estimator(self.model), self.eps, len(x), np.inf if self.norm == "Linf" else 2,
+                         **self.params)
         x_adv = atk.generate(x=x.detach().cpu().numpy(), y=y.detach().cpu().numpy())
         return torch.from_numpy(x_adv).to(x.device, x.dtype)
 
@@ -43,20 +45,20 @@ def _register(name: str, defaults: dict[str, Any], description: str, build: Call
 
 
 _register("pgd", {"steps": 10, "step_ratio": 0.25, "random_start": True}, "ART ProjectedGradientDescentPyTorch",
-          lambda est, eps, bs, steps, step_ratio, random_start, seed: ProjectedGradientDescentPyTorch(
-              est, norm=np.inf, eps=eps, eps_step=eps * step_ratio, max_iter=steps, num_random_init=int(random_start),
+          lambda est, eps, bs, norm, steps, step_ratio, random_start, seed: ProjectedGradientDescentPyTorch(
+              est, norm=norm, eps=eps, eps_step=eps * step_ratio, max_iter=steps, num_random_init=int(random_start),
               batch_size=bs, verbose=False))
 _register("apgd", {"steps": 100, "n_restarts": 1}, "ART AutoProjectedGradientDescent, CE loss",
-          lambda est, eps, bs, steps, n_restarts, seed: AutoProjectedGradientDescent(
-              est, norm=np.inf, eps=eps, eps_step=2 * eps, max_iter=steps, nb_random_init=n_restarts, batch_size=bs,
+          lambda est, eps, bs, norm, steps, n_restarts, seed: AutoProjectedGradientDescent(
+              est, norm=norm, eps=eps, eps_step=2 * eps, max_iter=steps, nb_random_init=n_restarts, batch_size=bs,
               loss_type="cross_entropy", verbose=False))
 _register("apgd-dlr", {"steps": 100, "n_restarts": 1}, "ART AutoProjectedGradientDescent, DLR loss",
-          lambda est, eps, bs, steps, n_restarts, seed: AutoProjectedGradientDescent(
-              est, norm=np.inf, eps=eps, eps_step=2 * eps, max_iter=steps, nb_random_init=n_restarts, batch_size=bs,
+          lambda est, eps, bs, norm, steps, n_restarts, seed: AutoProjectedGradientDescent(
+              est, norm=norm, eps=eps, eps_step=2 * eps, max_iter=steps, nb_random_init=n_restarts, batch_size=bs,
               loss_type="difference_logits_ratio", verbose=False))
 _register("square", {"n_queries": 5000, "p_init": 0.8, "n_restarts": 1}, "ART SquareAttack",
-          lambda est, eps, bs, n_queries, p_init, n_restarts, seed: SquareAttack(
-              est, norm=np.inf, eps=eps, max_iter=n_queries, p_init=p_init, nb_restarts=n_restarts, batch_size=bs,
+          lambda est, eps, bs, norm, n_queries, p_init, n_restarts, seed: SquareAttack(
+              est, norm=norm, eps=eps, max_iter=n_queries, p_init=p_init, nb_restarts=n_restarts, batch_size=bs,
               verbose=False), gradient_free=True)
 _register("autoattack", {}, "ART AutoAttack (its default attack list)",
-          lambda est, eps, bs, seed: AutoAttack(est, norm=np.inf, eps=eps, eps_step=eps / 4, batch_size=bs))
+          lambda est, eps, bs, norm, seed: AutoAttack(est, norm=norm, eps=eps, eps_step=eps / 4, batch_size=bs))

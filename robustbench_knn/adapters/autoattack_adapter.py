@@ -1,7 +1,7 @@
 """AutoAttack, the reference implementation (PyPI ``pyautoattack``, prefix ``aa:``). Single attacks run
 inside a ``version="standard"`` AutoAttack restricted to that attack, so they keep AutoAttack's standard
-settings (1 restart, 100 iterations, 9 target classes, 5000 Square queries). Device and ε are always
-passed (the library defaults to eps=0.3)."""
+settings (1 restart, 100 iterations, 9 target classes, 5000 Square queries). Device, ε and the norm are always
+passed (the library defaults to eps=0.3); every attack has AutoAttack's own ℓ∞ and ℓ2 forms."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class AutoAttackRun(Attack):
                  **params: Any) -> None:
         super().__init__(model, eps, **params)
         base = "standard" if version == "single" else version
-        self.aa = AutoAttack(model, device=model.device, eps=self.eps, norm="Linf", seed=params.get("seed", 0),
+        self.aa = AutoAttack(model, device=model.device, eps=self.eps, norm=self.norm, seed=params.get("seed", 0),
                              version=base, attacks=attacks if version == "custom" else None)
         if version == "single":  # standard settings, one attack
             self.aa.attacks_to_run = list(attacks or [])

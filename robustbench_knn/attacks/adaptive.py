@@ -26,7 +26,8 @@ from ..config import UsageError
 from ..defenses.surrogate import SoftKNNSurrogate
 from ..distances import pairwise_distance
 from .apgd_core import apgd
-from .base import Attack, input_gradient, project, register, register_group
+from ..norms import ascent_direction
+from .base import Attack, input_gradient, register, register_group
 from .knn_tools import BestIterate, embed_batched, kth_distance, random_start, require_knn, set_distance
 
 
@@ -141,14 +142,14 @@ class FeatureAttack(AdaptiveAttack):
                 idx = best.active()
                 if len(idx) == 0:
                     return best.x_best
-                start = x[idx] if restart == 0 else random_start(x[idx], self.eps)
+                start = x[idx] if restart == 0 else random_start(x[idx], self.eps, self.norm)
                 self._descend(best, x[idx], y[idx], targets[idx, t], start, idx)
         return best.x_best
 
     def _descend(self, best: BestIterate, x0: torch.Tensor, y: torch.Tensor, target: torch.Tensor, x: torch.Tensor,
                  idx: torch.Tensor) -> None:
-        """Signed-gradient descent on the feature loss, cosine step from ε·step_ratio to 0, sets re-selected
-        every ``reselect`` steps; samples leave as soon as their vote flips."""
+        """Steepest descent on the feature loss (signed gradient in ℓ∞, normalised in ℓ2), cosine step from
+        ε·step_ratio to 0, sets re-selected every ``reselect`` steps; samples leave as soon as their vote flips."""
         clf, steps = self.model, int(self.params["steps"])
         alpha0, reselect = self.eps * float(self.params["step_ratio"]), max(1, int(self.params["reselect"]))
         sets = None
@@ -168,7 +169,7 @@ class FeatureAttack(AdaptiveAttack):
             x0, y, target, x, grad, idx = x0[keep], y[keep], target[keep], x[keep], grad[keep], idx[keep]
             sets = sets[keep]
             alpha = alpha0 * 0.5 * (1 + math.cos(math.pi * s / steps))
-            x = project(x - alpha * grad.sign(), x0, self.eps)
+            x = self.project(x - alpha * ascent_direction(grad, self.norm), x0)
         best.observe(x, embed_batched(clf, x), idx)
 
 
@@ -235,7 +236,7 @@ class SoftKNNAPGD(AdaptiveAttack):
                 break
             self._set_temperature(0.0, scale)
             x_end = apgd(lambda z, i: loss_grad(z, idx[i]), x[idx], self.eps, int(self.params["steps"]),
-                         on_checkpoint=lambda frac: self._set_temperature(frac, scale))
+                         on_checkpoint=lambda frac: self._set_temperature(frac, scale), norm=self.norm)
             best.observe(x_end, embed_batched(clf, x_end), idx)
         return best.x_best
 
@@ -264,9 +265,13 @@ def _random_sign(like: torch.Tensor, *shape: int) -> torch.Tensor:
 
 
 @register("vote-square", "native", {"n_queries": 1000, "p_init": 0.8},
-          "adaptive: Square attack (ℓ∞, Andriushchenko et al.) on the HARD vote margin, swap gap as tie-breaker; "
-          "gradient-free, stops per sample when the vote flips")
+          "adaptive: Square attack (Andriushchenko et al.) on the HARD vote margin, swap gap as tie-breaker; "
+          "gradient-free, stops per sample when the vote flips; ℓ2: windows of norm ε, then the ℓ2 projection")
 class VoteSquare(AdaptiveAttack):
+    """ℓ∞: the paper's update (a random ±2ε window, projected). ℓ2: a simplification of the paper's mass-preserving
+    update: the window's perturbation is replaced by ±ε/(s·√C) per channel (norm ε on its own), then the whole
+    perturbation is projected onto the ℓ2 ball."""
+
     name = "vote-square"
     family = "gradient-free"
 
@@ -277,8 +282,9 @@ class VoteSquare(AdaptiveAttack):
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = x.detach()
         n, c, h, w = x.shape
-        stripes = project(x + self.eps * _random_sign(x, n, c, 1, w), x, self.eps)
-        best = BestIterate(self.model, x, y, with_gap=True, x_init=stripes)
+        stripes = _random_sign(x, n, c, 1, w).expand(n, c, h, w)
+        stripes = stripes if self.norm == "Linf" else ascent_direction(stripes, "L2")
+        best = BestIterate(self.model, x, y, with_gap=True, x_init=self.project(x + self.eps * stripes, x))
         n_queries, p_init = int(self.params["n_queries"]), float(self.params["p_init"])
         for i in range(n_queries):
             idx = best.active()
@@ -286,9 +292,15 @@ class VoteSquare(AdaptiveAttack):
                 break
             s = min(max(int(round(math.sqrt(square_fraction(p_init, i, n_queries) * h * w))), 1), h - 1)
             vh, vw = (int(v) for v in torch.randint(0, h - s + 1, (2,)))
-            delta = torch.zeros(len(idx), c, h, w, device=x.device, dtype=x.dtype)
-            delta[:, :, vh:vh + s, vw:vw + s] = 2 * self.eps * _random_sign(x, len(idx), c, 1, 1)
-            x_new = project(best.x_best[idx] + delta, x[idx], self.eps)
+            signs = _random_sign(x, len(idx), c, 1, 1)
+            if self.norm == "Linf":
+                delta = torch.zeros(len(idx), c, h, w, device=x.device, dtype=x.dtype)
+                delta[:, :, vh:vh + s, vw:vw + s] = 2 * self.eps * signs
+                x_new = self.project(best.x_best[idx] + delta, x[idx])
+            else:
+                delta = best.x_best[idx] - x[idx]
+                delta[:, :, vh:vh + s, vw:vw + s] = self.eps / (s * math.sqrt(c)) * signs
+                x_new = self.project(x[idx] + delta, x[idx])
             best.observe(x_new, self.model.embed(x_new), idx)
         return best.x_best
 

@@ -1,5 +1,6 @@
-"""A compact APGD (Croce & Hein 2020, Alg. 1, ℓ∞): momentum 0.75, step 2ε halved at checkpoints where the loss
-stalled, restart from the best point after each halving.
+"""A compact APGD (Croce & Hein 2020, Alg. 1): momentum 0.75, step 2ε halved at checkpoints where the loss
+stalled, restart from the best point after each halving. ℓ∞ steps along sign(g), ℓ2 steps along g/‖g‖₂ (as
+AutoAttack's ℓ2 APGD), each projected onto its own ball.
 
 Written here (rather than wrapping AutoAttack's class) because the adaptive attacks need two things the
 library does not offer: a loss that changes between checkpoints (the soft-kNN temperature schedule) and a
@@ -13,8 +14,7 @@ from typing import Callable
 
 import torch
 
-from .base import project
-from .knn_tools import random_start
+from ..norms import ascent_direction, project, random_start
 
 # (x of the active samples, their indices in the batch) -> (loss to maximise (n,), its input gradient, done (n,) | None)
 LossGrad = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]"]
@@ -29,15 +29,15 @@ def checkpoints(steps: int) -> list[int]:
 
 
 def apgd(loss_grad: LossGrad, x0: torch.Tensor, eps: float, steps: int, *, x_init: torch.Tensor | None = None,
-         on_checkpoint: Callable[[float], bool] | None = None, rho: float = 0.75, momentum: float = 0.75
-         ) -> torch.Tensor:
+         on_checkpoint: Callable[[float], bool] | None = None, rho: float = 0.75, momentum: float = 0.75,
+         norm: str = "Linf") -> torch.Tensor:
     """Maximise ``loss_grad``'s loss in the ε-ball around ``x0``; returns the highest-loss iterate per sample.
 
     Samples ``loss_grad`` reports done are dropped (their work is finished, e.g. the vote flipped).
     ``on_checkpoint(fraction)`` runs at each checkpoint; when it returns True the loss has changed (a new
     temperature) and the best loss is re-measured so the stall test compares like with like.
     """
-    x = random_start(x0, eps) if x_init is None else x_init.clone()
+    x = random_start(x0, eps, norm) if x_init is None else x_init.clone()
     idx = torch.arange(len(x0), device=x0.device)
     f, g, done = loss_grad(x, idx)
     x_best, f_best, g_best = x.clone(), f.detach().clone(), g.clone()
@@ -55,9 +55,9 @@ def apgd(loss_grad: LossGrad, x0: torch.Tensor, eps: float, steps: int, *, x_ini
         if len(idx) == 0:
             break
         xo = x0[idx]
-        z = project(x + eta.view(view) * g.sign(), xo, eps)
+        z = project(x + eta.view(view) * ascent_direction(g, norm), xo, eps, norm)
         a = 1.0 if k == 1 else momentum
-        x, x_prev = project(x + a * (z - x) + (1 - a) * (x - x_prev), xo, eps), x
+        x, x_prev = project(x + a * (z - x) + (1 - a) * (x - x_prev), xo, eps, norm), x
         f, g, done = loss_grad(x, idx)
         f = f.detach()
         count += (f > f_cur).float()

@@ -8,6 +8,8 @@ from typing import Any, Callable
 import torch
 
 from ..config import MODELS, UsageError
+from ..norms import NORMS
+from ..norms import project as _project
 
 # Parameters with a fixed set of values, and the integer ones for which 0 means something (m = 0: k; seed).
 CHOICES: dict[str, tuple[str, ...]] = {"target": ("nearest", "mean"), "craft": ("apgd", "kfgsm"), "source": tuple(MODELS)}
@@ -50,10 +52,14 @@ class Attack:
     toolkit: str = "native"
     gradient_source: str | None = "objective"
 
-    def __init__(self, model: torch.nn.Module, eps: float, **params: Any) -> None:
+    def __init__(self, model: torch.nn.Module, eps: float, norm: str = "Linf", **params: Any) -> None:
         self.model = model
         self.eps = float(eps)
+        self.norm = norm  # "Linf" or "L2" (norms.NORMS); the spec refuses a norm the attack has no form for
         self.params = params
+
+    def project(self, x_adv: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        return _project(x_adv, x0, self.eps, self.norm)
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -71,6 +77,7 @@ class AttackSpec:
     factory: Callable[..., Attack]
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    norms: tuple[str, ...] = ("Linf",)  # the threat models the attack has a form for
 
     @property
     def key(self) -> str:
@@ -86,18 +93,26 @@ class AttackSpec:
             check_param(self.key, param, value, self.defaults[param])
         return {**self.defaults, **overrides}
 
-    def build(self, model: torch.nn.Module, eps: float, **overrides: Any) -> Attack:
-        return self.factory(model, eps, **self.check(overrides))
+    def check_norm(self, norm: str) -> None:
+        if norm not in self.norms:
+            raise UsageError(f"attack {self.key} has no {norm} form (it runs in {', '.join(self.norms)}); "
+                             f"`robustbench-knn attacks` lists each attack's norms")
+
+    def build(self, model: torch.nn.Module, eps: float, norm: str = "Linf", **overrides: Any) -> Attack:
+        self.check_norm(norm)
+        return self.factory(model, eps, norm=norm, **self.check(overrides))
 
 
 REGISTRY: dict[str, AttackSpec] = {}
 DEFAULT_TOOLKIT: dict[str, str] = {}
 
 
-def register(name: str, toolkit: str, defaults: dict[str, Any], description: str, *, default: bool = False
-             ) -> Callable[[Callable[..., Attack]], Callable[..., Attack]]:
+def register(name: str, toolkit: str, defaults: dict[str, Any], description: str, *, default: bool = False,
+             norms: tuple[str, ...] = NORMS) -> Callable[[Callable[..., Attack]], Callable[..., Attack]]:
+    """Register an attack under ``toolkit:name``; ``norms``: the threat models it has a form for (its factory is
+    called with ``norm=``)."""
     def deco(factory: Callable[..., Attack]) -> Callable[..., Attack]:
-        spec = AttackSpec(name, toolkit, factory, dict(defaults), description)
+        spec = AttackSpec(name, toolkit, factory, dict(defaults), description, tuple(norms))
         REGISTRY[spec.key] = spec
         if default or name not in DEFAULT_TOOLKIT:
             DEFAULT_TOOLKIT[name] = toolkit
@@ -138,9 +153,9 @@ def parse_attack_list(text: str) -> list[AttackSpec]:
     return list(specs.values())
 
 
-def project(x_adv: torch.Tensor, x0: torch.Tensor, eps: float) -> torch.Tensor:
-    """Onto the ℓ∞ ball of radius ``eps`` around ``x0`` and the [0, 1] box."""
-    return torch.min(torch.max(x_adv, x0 - eps), x0 + eps).clamp(0.0, 1.0)
+def project(x_adv: torch.Tensor, x0: torch.Tensor, eps: float, norm: str = "Linf") -> torch.Tensor:
+    """Into the ``norm`` ball of radius ``eps`` around ``x0`` and the [0, 1] box (``norms.project``)."""
+    return _project(x_adv, x0, eps, norm)
 
 
 def input_gradient(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,13 @@
 """kFGSM, the paper's Algorithm 2 (§2.5): n signed-gradient steps of size α on the model's attack objective,
-projected onto the ε-ball and [0, 1] after each step; no random start. α = ε·step_ratio (paper: ε/10)."""
+projected onto the ε-ball and [0, 1] after each step; no random start. α = ε·step_ratio (paper: ε/10). In ℓ2 the
+step is the normalised gradient α·g/‖g‖₂ and the projection the ℓ2 ball's."""
 
 from __future__ import annotations
 
 import torch
 
-from .base import Attack, input_gradient, project, register
+from ..norms import ascent_direction
+from .base import Attack, input_gradient, register
 
 
 @register("kfgsm", "native", {"steps": 30, "step_ratio": 0.1},
@@ -19,6 +21,5 @@ class KFGSM(Attack):
         x_adv = x0.clone()
         for _ in range(steps):
             grad = input_gradient(lambda z: self.model.attack_objective(z, y), x_adv)
-            x_adv = x_adv + alpha * grad.sign()
-            x_adv = project(x_adv, x0, self.eps)
+            x_adv = self.project(x_adv + alpha * ascent_direction(grad, self.norm), x0)
         return x_adv.detach()

@@ -14,12 +14,12 @@ import torch
 from ..defenses.defense import embed_in_batches
 from ..defenses.knn import DEFAULT_CHUNK, knn_votes, vote_decision, vote_margin
 from ..distances import pairwise_distance, split_spaces
-from .base import project
+from ..norms import random_start as _random_start
 
 
-def random_start(x0: torch.Tensor, eps: float) -> torch.Tensor:
-    """Uniform in the ℓ∞ ball (then the box), from the global generator so runs are seeded by the caller."""
-    return project(x0 + eps * (2 * torch.rand_like(x0) - 1), x0, eps)
+def random_start(x0: torch.Tensor, eps: float, norm: str = "Linf") -> torch.Tensor:
+    """Uniform in the ball (then the box), from the global generator so runs are seeded by the caller."""
+    return _random_start(x0, eps, norm)
 
 
 @dataclass

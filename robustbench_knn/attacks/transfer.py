@@ -135,7 +135,7 @@ class Transfer(Attack):
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         steps = int(self.params["steps"])
         if self.params["craft"] == "kfgsm":
-            return get_attack("native:kfgsm").build(self.source, self.eps, steps=steps)(x, y)
+            return get_attack("native:kfgsm").build(self.source, self.eps, self.norm, steps=steps)(x, y)
 
         def loss_grad(z: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
             seen: dict[str, torch.Tensor] = {}
@@ -147,4 +147,4 @@ class Transfer(Attack):
             grad = input_gradient(ce, z)
             return seen["loss"].detach(), grad, None
 
-        return apgd(loss_grad, x.detach(), self.eps, steps)
+        return apgd(loss_grad, x.detach(), self.eps, steps, norm=self.norm)

@@ -22,6 +22,7 @@ from ..attacks import AttackSpec, default_attacks, parse_attack_list
 from ..attacks.transfer import trained_sources, transfer_sources
 from ..config import UsageError, get_model_config
 from ..defenses.defense import BaseClassifier, KNNDefense, as_classifier
+from ..norms import parse_norm
 from ..store import write_json
 from .cards import annotate_reliability, card_of, model_card
 from .evaluate import run_attacks, versions
@@ -76,7 +77,8 @@ class BenchmarkResult:
     def model_card(self) -> dict[str, Any]:
         """RobustBench's ``model_info`` fields, with the per-sample worst case in place of ``autoattack_acc`` and
         ``unreliable`` from an audit of the same model and ε, else from this run's cheap checks."""
-        return card_of(self.name, self.raw["dataset"], self.raw["per_eps"][0], self.n_examples, self.raw.get("backbone"))
+        return card_of(self.name, self.raw["dataset"], self.raw["per_eps"][0], self.n_examples, self.raw.get("backbone"),
+                       self.raw.get("threat_model", "Linf"))
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """``<name>.json`` (everything), ``<name>.csv`` (per sample) and ``<name>.model-card.json``."""
@@ -121,8 +123,10 @@ def suite_note(families: dict[str, str], is_knn: bool) -> str | None:
 def benchmark(model: Any, *, n_examples: int = 1000, eps: float = 8 / 255, attacks: str | Sequence[str] = "default",
               data_dir: str | None = None, device: str = "auto", out: str | os.PathLike | None = None,
               seed: int = 0, name: str | None = None, batch_size: int = 250, cache_dir: str | None = None,
-              progress: bool = True, resume: bool = True, cascade: bool = False) -> BenchmarkResult:
-    """Clean and robust accuracy of ``model`` on the first ``n_examples`` CIFAR-10 test images at ℓ∞ ``eps``.
+              progress: bool = True, resume: bool = True, cascade: bool = False, threat_model: str = "Linf"
+              ) -> BenchmarkResult:
+    """Clean and robust accuracy of ``model`` on the first ``n_examples`` CIFAR-10 test images within ``eps`` in
+    ``threat_model`` ("Linf", default, or "L2", RobustBench's spelling; ε in pixel units of that norm: 8/255, 0.5).
 
     ``model``: a ``KNNDefense``, any ``nn.Module`` returning class logits, or one of this project's model names
     (``"full"``: trained or loaded from the cache). ``attacks``: ``"default"`` (on a k-NN defense the adaptive
@@ -139,8 +143,9 @@ def benchmark(model: Any, *, n_examples: int = 1000, eps: float = 8 / 255, attac
     from ..paper.train import train_model
     from . import distributed
 
-    if n_examples < 1 or not 0 < eps < 1:
-        raise UsageError("n_examples must be >= 1 and eps in (0, 1)")
+    norm = parse_norm(threat_model)
+    if n_examples < 1 or not 0 < eps < (1 if norm == "Linf" else float("inf")):
+        raise UsageError(f"n_examples must be >= 1 and eps {'in (0, 1)' if norm == 'Linf' else '> 0'}")
     part = distributed.current()
     if distributed.launched_by_torchrun() and not part.group:  # a script started by torchrun: the ranks split it
         part = distributed.init_group()  # first: it picks this rank's GPU, which "auto" then resolves to
@@ -158,6 +163,8 @@ def benchmark(model: Any, *, n_examples: int = 1000, eps: float = 8 / 255, attac
         clf = as_classifier(model)
         name = name or type(model).__name__
     specs = resolve_attacks(attacks, clf)
+    for spec in specs:
+        spec.check_norm(norm)
     clf = clf.to(dev)
     sub = data.test.head(min(n_examples, len(data.test)))
     x, y = sub.floats(), sub.y
@@ -170,7 +177,7 @@ def benchmark(model: Any, *, n_examples: int = 1000, eps: float = 8 / 255, attac
                               device=dev, progress=progress)
     with transfer_sources(sources), distributed.use(part):
         res = run_attacks(clf, x, y, specs, [float(eps)], batch_size=batch_size, progress=progress and part.writer,
-                          seed=seed, cell_dir=cells, cascade=cascade)
+                          seed=seed, cell_dir=cells, cascade=cascade, norm=norm)
     annotate_reliability(res, clf, x[:batch_size].to(dev), cells)
     cell = res["per_eps"][0]
     raw = {"name": name, "dataset": DATASET_NAME, "dataset_sha256": data.sha256, "eps": float(eps), "seed": seed,

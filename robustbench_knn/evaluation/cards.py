@@ -23,13 +23,13 @@ def eps_label(eps: float) -> str:
 def model_card(name: str, dataset: str, eps: float, clean_acc: float, robust_acc: float,
                per_attack: dict[str, float], n_examples: int, unreliable: bool | None = None,
                footnote: str | None = None, n_invalid: dict[str, int] | None = None,
-               backbone: dict[str, Any] | None = None) -> dict[str, Any]:
+               backbone: dict[str, Any] | None = None, threat_model: str = "Linf") -> dict[str, Any]:
     """RobustBench's ``model_info`` fields (accuracies as strings in %, as there), with the per-sample worst case
     over every attack in place of ``autoattack_acc`` and the per-attack breakdown; ``unreliable`` from an audit
     or the run's cheap checks (None only where no check ran); ``backbone``: the network a subject's features
     come from (its hashes and head accuracy), where there is one."""
     card = {
-        "name": name, "dataset": "cifar10", "dataset_detail": dataset, "threat_model": "Linf",
+        "name": name, "dataset": "cifar10", "dataset_detail": dataset, "threat_model": threat_model,
         "eps": eps_label(eps),
         "clean_acc": f"{clean_acc:.2f}", "reported": None, "worst_case_robust_acc": f"{robust_acc:.2f}",
         "autoattack_acc": None, "unreliable": unreliable, "n_examples": n_examples,
@@ -41,8 +41,8 @@ def model_card(name: str, dataset: str, eps: float, clean_acc: float, robust_acc
     return {**card, "backbone": backbone} if backbone else card
 
 
-def audit_record_path(cells: str | os.PathLike, eps: float) -> Path:
-    return Path(cells) / f"audit-eps{eps:.6f}.json"
+def audit_record_path(cells: str | os.PathLike, eps: float, norm: str = "Linf") -> Path:
+    return Path(cells) / f"audit-{'' if norm == 'Linf' else norm + '-'}eps{eps:.6f}.json"
 
 
 def save_audit_record(cells: str | os.PathLike | None, result: dict[str, Any]) -> None:
@@ -50,12 +50,12 @@ def save_audit_record(cells: str | os.PathLike | None, result: dict[str, Any]) -
     if cells is None:
         return
     v = result["verdict"]
-    write_json(audit_record_path(cells, result["eps"]),
+    write_json(audit_record_path(cells, result["eps"], result.get("threat_model", "Linf")),
                {"status": v["status"], "text": v["text"], "upper_bound_acc": v["upper_bound_acc"], "n": result["n"]})
 
 
-def find_audit(cells: str | os.PathLike | None, eps: float) -> dict[str, Any] | None:
-    path = audit_record_path(cells, eps) if cells is not None else None
+def find_audit(cells: str | os.PathLike | None, eps: float, norm: str = "Linf") -> dict[str, Any] | None:
+    path = audit_record_path(cells, eps, norm) if cells is not None else None
     return read_json(path) if path is not None and path.is_file() else None
 
 
@@ -68,17 +68,18 @@ def annotate_reliability(result: dict[str, Any], clf: torch.nn.Module, x: torch.
     n = max(result["n"], 1)  # accuracies are over every image, not only the clean-correct ones
     for r in result["per_eps"]:
         checks = cheap_checks(clf, r["attacks"], families, n, x)
-        audit = find_audit(cells, r["eps"])
+        audit = find_audit(cells, r["eps"], result.get("threat_model", "Linf"))
         unreliable, footnote = reliability(checks, audit, r["worst_case_acc"], result["n"])
         r.update({"checks": [asdict(c) for c in checks], "unreliable": unreliable, "footnote": footnote,
                   "families": families, "audit": audit})
 
 
-def card_of(name: str, dataset: str, r: dict[str, Any], n: int, backbone: dict[str, Any] | None = None
-            ) -> dict[str, Any]:
+def card_of(name: str, dataset: str, r: dict[str, Any], n: int, backbone: dict[str, Any] | None = None,
+            threat_model: str = "Linf") -> dict[str, Any]:
     """The card of one ε of a result annotated by :func:`annotate_reliability`."""
     return model_card(name, dataset, r["eps"], r["clean_acc"], r["worst_case_acc"],
                       {k + (" (on survivors)" if a.get("on_survivors") else ""): a["robust_acc"]
                        for k, a in r["attacks"].items() if "robust_acc" in a}, n,
                       unreliable=r.get("unreliable"), footnote=r.get("footnote"),
-                      n_invalid={k: a.get("n_invalid", 0) for k, a in r["attacks"].items()}, backbone=backbone)
+                      n_invalid={k: a.get("n_invalid", 0) for k, a in r["attacks"].items()}, backbone=backbone,
+                      threat_model=threat_model)

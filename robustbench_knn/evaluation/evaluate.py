@@ -1,6 +1,7 @@
 """Evaluation engine: clean accuracy, then each attack at each ε, judged by ``predict`` (the real decision).
 
-Every adversarial example is checked (finite, inside [0, 1], within ε of its clean image), never silently
+Every adversarial example is checked (finite, inside [0, 1], within ε of its clean image in the threat model's norm,
+ℓ∞ or ℓ2), never silently
 clipped: an example outside the threat model is a failure of that attack on that sample only (the attack's valid
 breaks still count), and each cell reports how many it returned. A sample is robust at an ε only if it is
 correctly classified clean and survives every attack run at that ε (the per-sample worst case).
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..attacks import AttackSpec, input_gradient
+from ..norms import distance
 from ..store import read_json, write_json
 from .distributed import SINGLE, Partition, all_gather, current, seed_batch
 
@@ -38,7 +40,8 @@ class ValidityReport:
     n_nonfinite: int
     n_out_of_box: int
     n_out_of_ball: int
-    max_linf: float
+    max_linf: float  # largest ℓ∞ distance of a finite example (whatever the threat model)
+    max_dist: float = float("nan")  # largest distance in the threat model's norm
 
     @property
     def ok(self) -> bool:
@@ -46,23 +49,26 @@ class ValidityReport:
 
 
 @torch.no_grad()
-def valid_examples(x: torch.Tensor, x_adv: torch.Tensor, eps: float) -> tuple[torch.Tensor, ValidityReport]:
-    """Per sample: is ``x_adv`` finite, inside [0, 1] and within ℓ∞ ``eps`` of ``x``; and the counts."""
+def valid_examples(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm: str = "Linf"
+                   ) -> tuple[torch.Tensor, ValidityReport]:
+    """Per sample: is ``x_adv`` finite, inside [0, 1] and within ``eps`` of ``x`` in ``norm``; and the counts."""
     if x_adv.shape != x.shape:
         raise AttackViolation(f"attack returned shape {tuple(x_adv.shape)} for input {tuple(x.shape)}")
     flat = x_adv.flatten(1)
     finite = torch.isfinite(flat).all(1)
     box = ((flat >= -TOL) & (flat <= 1 + TOL)).all(1)
-    linf = (x_adv - x).flatten(1).abs().amax(1)
-    linf = torch.where(finite, linf, torch.full_like(linf, float("inf")))
-    ball = linf <= eps + TOL
+    inf = torch.tensor(float("inf"), device=x.device)
+    linf = torch.where(finite, distance(x_adv, x, "Linf"), inf)
+    dist = linf if norm == "Linf" else torch.where(finite, distance(x_adv, x, norm), inf)
+    ball = dist <= eps + TOL * (1 if norm == "Linf" else max(1.0, eps))  # ℓ2: float32 sums over 3072 pixels
     rep = ValidityReport(int((~finite).sum()), int((~box).sum()), int((~ball).sum()),
-                         float(linf[finite].max()) if finite.any() else float("inf"))
+                         float(linf[finite].max()) if finite.any() else float("inf"),
+                         float(dist[finite].max()) if finite.any() else float("inf"))
     return finite & box & ball, rep
 
 
-def check_adversarial(x: torch.Tensor, x_adv: torch.Tensor, eps: float) -> ValidityReport:
-    return valid_examples(x, x_adv, eps)[1]
+def check_adversarial(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm: str = "Linf") -> ValidityReport:
+    return valid_examples(x, x_adv, eps, norm)[1]
 
 
 def bad_gradient_mask(clf: torch.nn.Module, attack: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -145,8 +151,12 @@ def run_attacks(
     cell_dir: str | os.PathLike | None = None,
     clean_pred: torch.Tensor | None = None,
     cascade: bool = False,
+    norm: str = "Linf",
 ) -> dict[str, Any]:
     """Attack ``x`` (floats in [0, 1]) with every spec at every ε; return per-ε, per-attack and per-sample results.
+
+    ``norm``: the threat model ("Linf" or "L2", ``norms.NORMS``); every spec must have a form for it (checked
+    before any work) and every example is judged inside that ball.
 
     ``cascade``: at each ε the attacks run in the order given, each only on the points no earlier attack broke
     (as AutoAttack's own ensemble does): the same per-sample worst case for less work, and each attack's figure
@@ -159,6 +169,8 @@ def run_attacks(
     its own part of a cell); ``cell_dir`` must be specific to the model. ``clean_pred``: ``predict(x)`` if known.
     """
     overrides = overrides or {}
+    for spec in specs:  # a one-line error before any work
+        spec.check_norm(norm)
     part = current()
     clean_pred = predict_split(clf, x) if clean_pred is None else clean_pred.cpu()
     clean_ok = clean_pred == y.cpu()
@@ -182,8 +194,9 @@ def run_attacks(
                 idx = torch.nonzero(survivors).squeeze(1)
             path = None
             if cell_dir is not None:
-                key = _fingerprint(data_fp, params, seed, SEEDING, VALIDITY, *((idx,) if cascade else ()))
-                name = f"{spec.key.replace(':', '_')}-eps{eps:.6f}-{key}"
+                key = _fingerprint(data_fp, params, seed, SEEDING, VALIDITY, *((idx,) if cascade else ()),
+                                   *((norm,) if norm != "Linf" else ()))  # ℓ∞ cells keep their earlier names
+                name = f"{spec.key.replace(':', '_')}-{'' if norm == 'Linf' else norm + '-'}eps{eps:.6f}-{key}"
                 path = Path(cell_dir) / f"{name}.json"
             part_path = path.with_suffix(f".{part.tag}.json") if path is not None and part.world > 1 else None
             if path is not None and path.is_file():
@@ -197,7 +210,7 @@ def run_attacks(
                     bar.set_postfix_str(f"eps={eps:.4f} {spec.key}")
                     batch_dir = path.with_suffix(".batches") if path is not None else None
                     own = _attack_cell(clf, x, y, idx, spec, eps, params, batch_size, cell_seed(seed, eps, spec.key),
-                                       lambda: bar.update(1), part, batch_dir)
+                                       lambda: bar.update(1), part, batch_dir, norm)
                     if part_path is not None:
                         write_json(part_path, own)
                 entry = combine_parts(all_gather(own))
@@ -210,8 +223,8 @@ def run_attacks(
                 survivors &= robust_mask(entry)
             cells[(eps, spec.key)] = entry
     bar.close()
-    return {"n": len(x), "clean_pred": clean_pred.tolist(), "clean_correct": clean_ok.int().tolist(),
-            **assemble(clean_ok, eps_list, [s.key for s in specs], cells)}
+    return {"n": len(x), "threat_model": norm, "clean_pred": clean_pred.tolist(),
+            "clean_correct": clean_ok.int().tolist(), **assemble(clean_ok, eps_list, [s.key for s in specs], cells)}
 
 
 def _drop_batches(batch_dir: Path, batches: list[int]) -> None:
@@ -263,6 +276,8 @@ def combine_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
     first = parts[0]
     viol = {k: sum(p["violations"][k] for p in parts) for k in ("n_nonfinite", "n_out_of_box", "n_out_of_ball")}
     viol["max_linf"] = max(p["violations"]["max_linf"] for p in parts)
+    if any("max_dist" in p["violations"] for p in parts):
+        viol["max_dist"] = max(p["violations"].get("max_dist", 0.0) for p in parts)
     n_attacked = first["n_attacked"]
     n_bad = sum(p["n_zero_or_nonfinite_grad"] for p in parts)
     out = {**first, "valid": True, "n_invalid": sum(p.get("n_invalid", 0) for p in parts), "violations": viol,
@@ -287,7 +302,7 @@ def robust_mask(entry: dict[str, Any]) -> torch.Tensor | None:
 
 def _attack_cell(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, spec: AttackSpec,
                  eps: float, params: dict[str, Any], batch_size: int, seed: int, tick: Any,
-                 part: Partition = SINGLE, batch_dir: Path | None = None) -> dict[str, Any]:
+                 part: Partition = SINGLE, batch_dir: Path | None = None, norm: str = "Linf") -> dict[str, Any]:
     """One attack at one ε on the points ``idx`` (the global batches ``part`` owns): validity, per-sample
     robustness, zero-gradient count, time. With ``batch_dir`` each finished batch is kept there and a later
     call reuses it, so a run killed inside a long cell resumes at its next batch (each batch has its own seed,
@@ -306,9 +321,9 @@ def _attack_cell(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, idx: to
             t0 = time.perf_counter()
             if attack is None:  # built once, from the cell's seed, whichever batch runs first
                 seed_batch(seed)
-                attack = spec.build(clf, eps, **params)
+                attack = spec.build(clf, eps, norm, **params)
             entry = _attack_batch(clf, attack, x, y, idx[b * batch_size:(b + 1) * batch_size], eps,
-                                  batch_seed(seed, b))
+                                  batch_seed(seed, b), norm)
             entries.append(_batch_entry(spec, params, *entry, time.perf_counter() - t0, len(idx), [b], n_batches))
             if file is not None:
                 write_json(file, entries[-1])
@@ -322,15 +337,16 @@ _NO_VIOLATIONS = {"n_nonfinite": 0, "n_out_of_box": 0, "n_out_of_ball": 0, "max_
 
 
 def _attack_batch(clf: torch.nn.Module, attack: Any, x: torch.Tensor, y: torch.Tensor, sel: torch.Tensor, eps: float,
-                  seed: int) -> tuple[torch.Tensor, int, dict[str, Any], int, int]:
+                  seed: int, norm: str = "Linf") -> tuple[torch.Tensor, int, dict[str, Any], int, int]:
     """One global batch: (robust over all of ``x``, invalid examples, violations, zero-gradient count,
     surrogate-only). An invalid example is the attack's failure on that sample: it stays robust for this attack."""
     xb, yb = x[sel].to(clf.device), y[sel].to(clf.device)
     seed_batch(seed)  # attacks with random starts draw from the global generators
     x_adv = attack(xb, yb).detach()
-    ok, rep = valid_examples(xb, x_adv, eps)
+    ok, rep = valid_examples(xb, x_adv, eps, norm)
     violations = {"n_nonfinite": rep.n_nonfinite, "n_out_of_box": rep.n_out_of_box,
-                  "n_out_of_ball": rep.n_out_of_ball, "max_linf": rep.max_linf}
+                  "n_out_of_ball": rep.n_out_of_ball, "max_linf": rep.max_linf,
+                  **({"max_dist": rep.max_dist} if norm != "Linf" else {})}
     robust = torch.zeros(len(x), dtype=torch.bool)
     judged = torch.where(ok.view(-1, *([1] * (xb.dim() - 1))), x_adv, xb)  # an invalid example is judged as its clean point
     right = clf.predict(judged).cpu() == yb.cpu()

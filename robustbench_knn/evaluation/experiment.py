@@ -47,6 +47,7 @@ def benchmark_config(
     resume: bool = True,
     aligned: bool = True,
     cascade: bool = False,
+    norm: str = "Linf",
 ) -> dict[str, Any]:
     """Train (or load) ``cfg``, measure clean k-NN accuracy on ``n_clean`` test images, attack the first
     ``n_test``. With ``resume`` every finished (ε, attack) result is cached beside the model and reused."""
@@ -62,7 +63,7 @@ def benchmark_config(
     with transfer_sources(trained_sources(data, target_cfg=cfg, cache_dir=cache_dir, device=dev, progress=progress)):
         result = evaluate_classifier(clf, data, specs, eps_list, name=cfg.name, n_test=n_test, n_clean=n_clean,
                                      seed=seed, overrides=overrides, batch_size=batch_size, cell_dir=cells,
-                                     dataset_name=dataset_name, progress=progress, cascade=cascade)
+                                     dataset_name=dataset_name, progress=progress, cascade=cascade, norm=norm)
     head = {"model": cfg.name, "config": cfg.to_dict(), "config_hash": cfg.config_hash(),
             "surrogate": getattr(clf, "surrogate_name", "logits"),
             "device": str(dev)}
@@ -78,7 +79,7 @@ def evaluate_classifier(clf: torch.nn.Module, data: Any, specs: list[AttackSpec]
                         name: str, n_test: int = 1000, n_clean: int | None = None, seed: int = 0,
                         overrides: dict[str, dict[str, Any]] | None = None, batch_size: int = 250,
                         cell_dir: str | os.PathLike | None = None, dataset_name: str = DATASET_NAME,
-                        progress: bool = True, cascade: bool = False) -> dict[str, Any]:
+                        progress: bool = True, cascade: bool = False, norm: str = "Linf") -> dict[str, Any]:
     """Any defense, known only through its interface: clean accuracy of ``predict`` on the first ``n_clean``
     test images, every attack at every ε on the first ``n_test``; the result ``save_results`` writes."""
     t_start = time.perf_counter()
@@ -90,7 +91,8 @@ def evaluate_classifier(clf: torch.nn.Module, data: Any, specs: list[AttackSpec]
     sub = data.test.head(n_test)
     attacked = run_attacks(clf, sub.floats(), sub.y, specs, eps_list, overrides=overrides, batch_size=batch_size,
                            progress=progress, seed=seed, cell_dir=cell_dir,
-                           clean_pred=clean_pred[:n_test] if n_clean >= n_test else None, cascade=cascade)
+                           clean_pred=clean_pred[:n_test] if n_clean >= n_test else None, cascade=cascade,
+                           norm=norm)
     annotate_reliability(attacked, clf, sub.floats()[:batch_size].to(clf.device), cell_dir)
     part = current()
     return {
@@ -148,10 +150,11 @@ _eps_label = eps_label  # the name the table modules import
 
 
 def save_results(result: dict[str, Any], out_dir: str | os.PathLike) -> Path:
-    """``evaluate-<model>-<hash>-<surrogate>[-unaligned]``: .json (everything), .csv (per attack) and
+    """``evaluate-<model>-<hash>-<surrogate>[-unaligned][-L2]``: .json (everything), .csv (per attack) and
     .model-card.json (RobustBench's fields for the first ε; the others under ``more_eps``)."""
     out = Path(out_dir)
-    tag = "-unaligned" if result.get("aligned") is False else ""
+    tag = ("-unaligned" if result.get("aligned") is False else "") + (
+        f"-{result['threat_model']}" if result.get("threat_model", "Linf") != "Linf" else "")
     stem = out / f"evaluate-{result['model']}-{result['config_hash']}-{result['surrogate']}{tag}"
     if "shard" in result:  # raw material for `merge`: no table or card of a part
         path = Path(f"{stem}.part-{result['shard']['index']}-of-{result['shard']['count']}.json")
@@ -161,7 +164,7 @@ def save_results(result: dict[str, Any], out_dir: str | os.PathLike) -> Path:
         return stem.with_suffix(".json")
     write_json(stem.with_suffix(".json"), result)
     write_text(stem.with_suffix(".csv"), summary_frame(result).to_csv(index=False))
-    cards = [card_of(result["model"], result["dataset"], r, result["n_test"], result.get("backbone"))
-             for r in result["per_eps"]]
+    cards = [card_of(result["model"], result["dataset"], r, result["n_test"], result.get("backbone"),
+                     result.get("threat_model", "Linf")) for r in result["per_eps"]]
     write_json(Path(f"{stem}.model-card.json"), {**cards[0], "more_eps": cards[1:]})
     return stem.with_suffix(".json")
