@@ -126,7 +126,7 @@ def _threat(args: argparse.Namespace, one: bool = False) -> tuple[str, list[floa
     norm = parse_norm(args.norm)
     eps = parse_eps(args.eps or (DEFAULT_EPS[norm].split(",")[0] if one else DEFAULT_EPS[norm]), norm)
     if one and len(eps) != 1:
-        raise UsageError(f"--eps takes one value here, not {args.eps!r}")
+        raise UsageError(f"this command takes one --eps value (it sweeps ε itself), not {args.eps!r}")
     return norm, eps
 
 
@@ -188,10 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--attacks", default=",".join(STANDARD_SUITE), help="attack names (all toolkits of each are run)")
     p.add_argument("--surrogates", default="potential,softknn")
-    p.add_argument("--eps", default="8/255,16/255")
+    _norm_options(p)
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--out", default="tables/toolkits", help="folder for toolkits.{md,csv,json}")
+    p.add_argument("--out", default="tables/toolkits", help="folder for toolkits.{md,csv,json} (toolkits-L2.* for L2)")
     p.add_argument("--render-only", action="store_true", help="rebuild toolkits.{md,csv} from toolkits.json, no computing")
     p.add_argument("--unaligned", dest="aligned", action="store_false",
                    help="the toolkits attack the raw surrogate logits (default: decision-aligned logits)")
@@ -219,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update-baseline", action="store_true", help="rewrite the baseline (needs --message)")
     p.add_argument("--message", help="why the baseline is rewritten (stored in the file)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--norm", default="Linf", help="threat model: Linf (ε 8/255, default) or L2 (ε 0.5)")
     p.add_argument("--out", help="also write the current results JSON here")
     p.add_argument("--plant", help="self-test: run with a planted regression (perturbed-model, one-epoch-model, "
                                    "attack-1-step, attack-step-div100); the gate must fail")
@@ -245,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("audit", help="gradient-masking audit: standard + adaptive attacks, checks, trust verdict")
     _common(p)
-    p.add_argument("--eps", default="8/255", help="the one ε audited, e.g. 8/255")
+    _norm_options(p, "the one ε audited (default Linf 8/255, L2 0.5)")
     p.add_argument("--n-test", type=int, default=500, help="first N test images are attacked")
     p.add_argument("--quick", action="store_true", help="screening run: 2 standard attacks, fewer steps, 4 ε")
     p.add_argument("--surrogate", default="potential", help="potential or softknn (what the toolkit attacks follow)")
@@ -348,7 +349,6 @@ def _run_evaluate(args: argparse.Namespace, specs: list[Any], eps: list[float],
           f"on {result['n_clean']} test images; attacks on the first {result['n_test']}")
     print(tabulate(summary_frame(result), headers="keys", tablefmt="github", showindex=False))
     from .evaluation.api import suite_note
-
     from .evaluation.cards import eps_label
 
     for r in result["per_eps"]:
@@ -418,9 +418,10 @@ def cmd_toolkits(args: argparse.Namespace) -> None:
     from .evaluation.toolkit_compare import render_compare, rerender, run_compare, suite_specs
 
     names = [n.strip() for n in args.attacks.split(",") if n.strip()]
-    suite_specs(names)  # validates the names before any work
+    norm, eps = _threat(args)
+    suite_specs(names, norm)  # validates the names before any work
     if args.render_only:
-        print(render_compare(rerender(args.out, names)))
+        print(render_compare(rerender(args.out, names, norm)))
         return
     surrogates = [s.strip() for s in args.surrogates.split(",") if s.strip()]
     bad = [s for s in surrogates if s not in SURROGATES]
@@ -429,10 +430,10 @@ def cmd_toolkits(args: argparse.Namespace) -> None:
     if args.n_test < 1 or args.batch_size < 1:
         raise UsageError("--n-test and --batch-size must be >= 1")
     if is_config_name(args.model):
-        result = run_compare(_model_config(args), parse_eps(args.eps), names=names, surrogates=surrogates,
+        result = run_compare(_model_config(args), eps, names=names, surrogates=surrogates,
                              n_test=args.n_test, out_dir=args.out, data_dir=args.data_dir, cache_dir=args.cache_dir,
                              device=args.device, seed=args.seed or 0, batch_size=args.batch_size,
-                             progress=not args.quiet, aligned=args.aligned)
+                             progress=not args.quiet, aligned=args.aligned, norm=norm)
     else:
         from .data import load_cifar10
         from .defenses.defense import KNNDefense
@@ -441,7 +442,6 @@ def cmd_toolkits(args: argparse.Namespace) -> None:
         from .evaluation.experiment import defense_cells, weights_hash
         from .evaluation.toolkit_compare import compare_classifiers
 
-        eps = parse_eps(args.eps)
         clf, _, name = resolve_model(args.model, aligned=args.aligned, device=resolve_device(args.device))
         if isinstance(clf, KNNDefense):  # the user's own surrogate where named, else the same defense re-fronted
             # the potential needs the paper's loss constants, which a user's defense may not have
@@ -456,7 +456,8 @@ def cmd_toolkits(args: argparse.Namespace) -> None:
         result = compare_classifiers(clfs, data, eps, name=name, config_hash=weights_hash(clf),
                                      names=names, n_test=args.n_test, out_dir=args.out, seed=args.seed or 0,
                                      batch_size=args.batch_size, progress=not args.quiet,
-                                     cells=lambda sur: defense_cells(clfs[sur], data.sha256, args.cache_dir))
+                                     cells=lambda sur: defense_cells(clfs[sur], data.sha256, args.cache_dir),
+                                     norm=norm)
     print(render_compare(result))
 
 
@@ -491,9 +492,11 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
     from .data import load_cifar10
     from .evaluation.gate import GateConfig, check_baseline, compare, load_baseline, planted, run_gate
+    from .norms import parse_norm
     from .store import write_json
 
-    gcfg = GateConfig(seed=args.seed, model=args.model)
+    norm = parse_norm(args.norm)
+    gcfg = GateConfig(seed=args.seed, model=args.model, norm=norm, eps=8 / 255 if norm == "Linf" else 0.5)
     model = None
     if not is_config_name(args.model):  # a ready defense in place of FULL's gate-sized training
         from .defenses.loading import resolve_model
@@ -572,6 +575,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     from .defenses.surrogate import SURROGATES
     from .evaluation.audit import audit, audit_classifier
+    from .evaluation.cards import eps_label
     from .reports.audit_report import attacks_frame, checks_frame, save_audit
 
     if args.figure3 and not is_config_name(args.model):
@@ -585,9 +589,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
                        progress=not args.quiet)
         print(f"Figure 3: {path}")
         return 0
-    eps = parse_eps(args.eps)
-    if len(eps) != 1:
-        raise UsageError("audit takes one --eps value (it sweeps ε itself)")
+    norm, eps = _threat(args, one=True)
     if eps[0] <= 0:
         raise UsageError(f"audit needs --eps > 0, got {args.eps!r} (at ε = 0 there is nothing to attack)")
     if args.surrogate not in SURROGATES:
@@ -598,12 +600,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise UsageError(f"--n-test must be <= {TEST_SET_SIZE} (the size of the test set)")
     if args.active_test < 0:
         raise UsageError("--active-test must be >= 0 (the number of points)")
+    if args.active_test and norm != "Linf":
+        raise UsageError("the active test plants its examples in the ℓ∞ ball; run it with --norm Linf")
     if args.transfer_source is not None:
         get_model_config(args.transfer_source)  # an unknown row: one line before any work
     if is_config_name(args.model):
         res = audit(_model_config(args), eps[0], n_test=args.n_test, quick=args.quick, data_dir=args.data_dir,
                     cache_dir=args.cache_dir, device=args.device, seed=args.seed or 0, surrogate=args.surrogate,
-                    batch_size=args.batch_size, progress=not args.quiet, active_points=args.active_test)
+                    batch_size=args.batch_size, progress=not args.quiet, active_points=args.active_test,
+                    norm=norm)
     else:
         from .data import load_cifar10
         from .defenses.loading import resolve_model
@@ -617,9 +622,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
                                quick=args.quick, cache_dir=args.cache_dir, seed=args.seed or 0,
                                batch_size=args.batch_size, progress=not args.quiet,
                                cells=defense_cells(clf, data.sha256, args.cache_dir),
-                               active_points=args.active_test, transfer_source=args.transfer_source)
+                               active_points=args.active_test, transfer_source=args.transfer_source, norm=norm)
     path = save_audit(res, args.out)
-    print(f"{res['dataset']}, model {res['model']}, ε = {args.eps}, {res['n']} test images: "
+    print(f"{res['dataset']}, model {res['model']}, {norm} ε = {eps_label(eps[0])}, {res['n']} test images: "
           f"clean {res['clean_acc']:.1f}%")
     print(tabulate(attacks_frame(res), headers="keys", tablefmt="github", showindex=False))
     print(tabulate(res["attribution"], headers="keys", tablefmt="github"))

@@ -42,6 +42,16 @@ def test_train_then_evaluate_end_to_end(tiny_data_dir, tmp_path, capsys):
     assert res["dataset_sha256"] and res["config"]["k"] == 5 and "torch" in res["versions"]
     assert len(res["per_eps"][0]["attacks"]["native:kfgsm"]["robust"]) == 30
     assert res["clean_acc_full"] > 80
+    # the result names the weights it judged, not only the recipe (another machine trains other weights)
+    from robustbench_knn.cli import _model_config, build_parser
+    from robustbench_knn.data import load_cifar10
+    from robustbench_knn.paper.classifier import build_classifier
+    from robustbench_knn.paper.train import train_model
+    from robustbench_knn.store import state_digest
+
+    cfg = _model_config(build_parser().parse_args(["evaluate", "--model", "full", *common]))
+    trained = train_model(cfg, load_cifar10(tiny_data_dir), device="cpu", cache_dir=tmp_path / "cache", progress=False)
+    assert res["weights_hash"] == state_digest(build_classifier(trained))
 
 
 @pytest.mark.parametrize("args, msg", [

@@ -2,6 +2,7 @@
 leaves it, kFGSM-ℓ2 follows its definition, and ℓ2 attacks on a two-point 1-NN break exactly the points whose
 distance to the bisector (the minimal ℓ2 perturbation, in closed form) is below ε."""
 
+import json
 import math
 
 import pytest
@@ -136,3 +137,24 @@ def test_cli_refuses_a_bad_norm_and_an_attack_without_an_l2_form(capsys):
     assert main(["evaluate", "--model", "full", "--norm", "L2", "--attacks", "ta:bim"]) == 2
     assert "no L2 form" in capsys.readouterr().err
     assert main(["evaluate", "--model", "full", "--norm", "Linf", "--eps", "0.5,2"]) == 2
+
+
+def test_l2_audit_end_to_end_and_its_refusals(tiny_data_dir, cache_dir, tmp_path, capsys):
+    from .conftest import TINY_SETS
+
+    common = ["--data-dir", str(tiny_data_dir), "--cache-dir", str(cache_dir), "--quiet",
+              *[a for s in TINY_SETS for a in ("--set", s)]]
+    assert main(["audit", "--model", "full", "--norm", "L2", "--eps", "0.5", "--active-test", "10",
+                 "--out", str(tmp_path), *common]) == 2
+    assert "ℓ∞ ball" in capsys.readouterr().err
+    assert main(["toolkits", "--model", "full", "--norm", "L2", "--attacks", "bim", "--out", str(tmp_path)]) == 2
+    assert "no toolkit has a L2 form of 'bim'" in capsys.readouterr().err
+    rc = main(["audit", "--model", "full", "--norm", "L2", "--eps", "0.5", "--n-test", "20", "--quick",
+               "--out", str(tmp_path), *common])
+    assert rc == 0
+    res = json.loads(next(tmp_path.glob("audit-*-L2-eps0p5.json")).read_text())
+    assert res["threat_model"] == "L2" and [e for e, _ in res["eps_curves"]["worst case"]] == [0.0, 0.5, 2.0, 4.0]
+    card = json.loads(next(tmp_path.glob("audit-*-L2-eps0p5.model-card.json")).read_text())
+    assert card["threat_model"] == "L2" and card["eps"] == "0.5"
+    for entry in res["main"]["per_eps"][0]["attacks"].values():  # every example judged in the ℓ2 ball
+        assert entry["violations"]["max_dist"] <= 0.5 + 1e-5

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from ..config import UsageError
 from ..defenses.surrogate import SoftKNNSurrogate
 from ..distances import pairwise_distance
-from .apgd_core import apgd
 from ..norms import ascent_direction
+from .apgd_core import apgd
 from .base import Attack, input_gradient, register, register_group
 from .knn_tools import BestIterate, embed_batched, kth_distance, random_start, require_knn, set_distance
 

@@ -38,6 +38,8 @@ from .evaluate import robust_mask, run_attacks, versions
 QUICK_STANDARD = ("kfgsm", "aa:apgd")
 SWEEP_EPS = tuple(e / 255 for e in (0, 4, 8, 16, 32, 64))
 QUICK_SWEEP_EPS = tuple(e / 255 for e in (0, 8, 32, 64))
+SWEEPS = {"Linf": (SWEEP_EPS, QUICK_SWEEP_EPS),  # (full, --quick) per threat model
+          "L2": ((0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0), (0.0, 0.5, 2.0, 4.0))}
 # --quick: fewer steps/queries for the adaptive suite (a screening run, not a final number)
 QUICK_OVERRIDES = {"native:feature": {"steps": 30, "n_targets": 2}, "native:softknn-apgd": {"steps": 30},
                    "native:softknn-apgd-dlr": {"steps": 30}, "native:vote-square": {"n_queries": 300},
@@ -144,8 +146,10 @@ def run_audit(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
               sweep_eps: list[float] | tuple[float, ...] = SWEEP_EPS,
               overrides: dict[str, dict[str, Any]] | None = None, steps_factors: tuple[float, ...] = (0.5, 2.0),
               batch_size: int = 250, seed: int = 0, cell_dir: str | os.PathLike | None = None,
-              progress: bool = False, active_points: int = 0, notes: list[str] | None = None) -> dict[str, Any]:
-    """Audit ``clf`` on images ``x`` at ``eps``; returns checks, verdict, per-attack and per-sample results.
+              progress: bool = False, active_points: int = 0, notes: list[str] | None = None, norm: str = "Linf"
+              ) -> dict[str, Any]:
+    """Audit ``clf`` on images ``x`` at ``eps`` in ``norm``; returns checks, verdict, per-attack and per-sample
+    results.
 
     Two figures count as different when they differ by more than the binomial confidence interval of the
     standard suite's figure at the number of audited points (at least one point's worth). ``steps_factors`` are the step/restart multiples run for the accuracy-vs-steps curve of kFGSM and
@@ -155,7 +159,9 @@ def run_audit(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     """
     t0 = time.perf_counter()
     overrides = dict(overrides or {})
-    opts: dict[str, Any] = {"batch_size": batch_size, "progress": progress, "seed": seed}
+    if active_points and norm != "Linf":
+        raise UsageError("the active test plants its examples in the ℓ∞ ball; run it with --norm Linf")
+    opts: dict[str, Any] = {"batch_size": batch_size, "progress": progress, "seed": seed, "norm": norm}
     if cell_dir is not None:
         opts["cell_dir"] = cell_dir
     run = _Runner(clf, x, y, eps, opts)
@@ -196,7 +202,7 @@ def run_audit(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     tol = binomial_tol(reported, len(x))
     checks = [bound_check(reported, bound, tol)]
     checks += attack_checks(r, families, std_keys, tol)
-    checks += sweep_checks(curves, strongest_std, getattr(clf, "n_classes", 10), tol)
+    checks += sweep_checks(curves, strongest_std, getattr(clf, "n_classes", 10), tol, norm)
     checks += iteration_checks(iter_pairs, fgsm, tol)
     checks += model_checks(clf, x[:batch_size].to(dev))
     active = None
@@ -208,7 +214,7 @@ def run_audit(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         checks += active_checks(active, std_keys)
     first, table = attribution(order, clean)
     return {
-        "eps": eps, "n": len(x), "tol": tol, "clean_acc": r["clean_acc"], "standard": std_keys,
+        "eps": eps, "threat_model": norm, "n": len(x), "tol": tol, "clean_acc": r["clean_acc"], "standard": std_keys,
         "families": families, "robust_acc": acc, "reported_acc": reported, "upper_bound_acc": bound,
         "n_attack_runs": len(order), "checks": [asdict(c) for c in checks],
         "verdict": verdict(checks, reported, bound, len(order), sorted({families[k] for k in adp_valid}),
@@ -236,7 +242,7 @@ def transfer_unavailable(clf: torch.nn.Module, target_cfg: ExperimentConfig | No
 
 def audit(cfg: ExperimentConfig, eps: float, *, n_test: int = 500, quick: bool = False, data_dir: str | None = None,
           cache_dir: str | None = None, device: str = "auto", seed: int = 0, surrogate: str = "potential",
-          batch_size: int = 250, progress: bool = True, active_points: int = 0) -> dict[str, Any]:
+          batch_size: int = 250, progress: bool = True, active_points: int = 0, norm: str = "Linf") -> dict[str, Any]:
     """Train or load ``cfg`` (as ``benchmark_config`` does) and audit it on the first ``n_test`` test images."""
     from ..data import load_cifar10
     from ..devices import resolve_device
@@ -252,7 +258,7 @@ def audit(cfg: ExperimentConfig, eps: float, *, n_test: int = 500, quick: bool =
     return audit_classifier(clf, data, eps, name=cfg.name, config_hash=cfg.config_hash(), config=cfg.to_dict(),
                             target_cfg=cfg, n_test=n_test, quick=quick, cache_dir=cache_dir, seed=seed,
                             batch_size=batch_size, progress=progress, active_points=active_points,
-                            cells=cell_dir(cfg, surrogate, data.sha256, cache_dir))
+                            cells=cell_dir(cfg, surrogate, data.sha256, cache_dir), norm=norm)
 
 
 def audit_classifier(clf: torch.nn.Module, data: Any, eps: float, *, name: str, config_hash: str,
@@ -260,7 +266,7 @@ def audit_classifier(clf: torch.nn.Module, data: Any, eps: float, *, name: str, 
                      n_test: int = 500, quick: bool = False, cache_dir: str | None = None, seed: int = 0,
                      batch_size: int = 250, progress: bool = True,
                      cells: str | os.PathLike | None = None, active_points: int = 0,
-                     transfer_source: str | None = None) -> dict[str, Any]:
+                     transfer_source: str | None = None, norm: str = "Linf") -> dict[str, Any]:
     """Audit any defense through its interface (adaptive k-NN attacks where it has a bank). ``transfer`` crafts
     on Table 2's row A at ``target_cfg``'s size; a defense without a config of this project needs
     ``transfer_source`` named (a row of ``config.MODELS``, at FULL's size), else transfer is skipped and the
@@ -284,10 +290,10 @@ def audit_classifier(clf: torch.nn.Module, data: Any, eps: float, *, name: str, 
             notes.append(f"transfer was not run ({why})")
         result = run_audit(clf, sub.floats(), sub.y, eps,
                            standard=QUICK_STANDARD if quick else STANDARD_SUITE, adaptive=adaptive,
-                           sweep_eps=QUICK_SWEEP_EPS if quick else SWEEP_EPS,
+                           sweep_eps=SWEEPS[norm][1 if quick else 0],
                            overrides=overrides, steps_factors=(2.0,) if quick else (0.25, 0.5, 2.0),
                            batch_size=batch_size, seed=seed, cell_dir=cells, progress=progress,
-                           active_points=active_points, notes=notes)
+                           active_points=active_points, notes=notes, norm=norm)
     save_audit_record(cells, result)
     return {"model": name, "config": config, "config_hash": config_hash, "dataset": DATASET_NAME,
             "dataset_sha256": data.sha256, "surrogate": getattr(clf, "surrogate_name", "logits"), "quick": quick,

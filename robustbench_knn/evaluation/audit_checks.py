@@ -64,8 +64,8 @@ def attack_checks(r: dict[str, Any], families: dict[str, str], standard: list[st
     return checks
 
 
-def sweep_checks(curves: dict[str, list[tuple[float, float]]], std_key: str, n_classes: int, tol: float
-                 ) -> list[Check]:
+def sweep_checks(curves: dict[str, list[tuple[float, float]]], std_key: str, n_classes: int, tol: float,
+                 norm: str = "Linf") -> list[Check]:
     """Accuracy must reach ~0 at a large ε (Carlini et al. §5.2) and not rise with ε."""
     chance = 100 / n_classes
     checks = []
@@ -75,7 +75,8 @@ def sweep_checks(curves: dict[str, list[tuple[float, float]]], std_key: str, n_c
             continue
         eps_max, acc = curves[key][-1]
         verdict = "PASS" if acc <= chance / 2 else "WARN" if acc <= chance else "FAIL"
-        checks.append(Check(label, verdict, f"{acc:.1f}% at ε = {eps_max * 255:.0f}/255 ({key})",
+        where = f"ε = {eps_max * 255:.0f}/255" if norm == "Linf" else f"ℓ2 ε = {eps_max:g}"
+        checks.append(Check(label, verdict, f"{acc:.1f}% at {where} ({key})",
                             "an (almost) unbounded attack must succeed; accuracy above chance means it is not "
                             "finding adversarial examples", decides))
     rises = {k: max((c[j][1] - c[i][1] for i in range(len(c)) for j in range(i + 1, len(c))), default=0.0)

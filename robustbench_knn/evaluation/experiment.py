@@ -64,8 +64,9 @@ def benchmark_config(
         result = evaluate_classifier(clf, data, specs, eps_list, name=cfg.name, n_test=n_test, n_clean=n_clean,
                                      seed=seed, overrides=overrides, batch_size=batch_size, cell_dir=cells,
                                      dataset_name=dataset_name, progress=progress, cascade=cascade, norm=norm)
+    # the config hash names the recipe; training on another machine gives other weights under the same recipe
     head = {"model": cfg.name, "config": cfg.to_dict(), "config_hash": cfg.config_hash(),
-            "surrogate": getattr(clf, "surrogate_name", "logits"),
+            "weights_hash": weights_hash(clf), "surrogate": getattr(clf, "surrogate_name", "logits"),
             "device": str(dev)}
     result = {**head, **{k: v for k, v in result.items() if k not in head},
               "train_log": {k: trained.log[k] for k in ("train_seconds",)},

@@ -38,6 +38,7 @@ class GateConfig:
     k: int = 100  # k ≤ the bank; 800 would vote over 16% of a 5000-image bank
     n_test: int = 300
     eps: float = 8 / 255
+    norm: str = "Linf"  # the threat model (an ℓ2 gate: norm "L2" with eps 0.5)
     attacks: tuple[str, ...] = ("kfgsm", "aa:apgd")
     seed: int = 0
     model: str = "full"
@@ -78,7 +79,7 @@ def run_gate(gcfg: GateConfig, data: CIFAR10, *, device: str = "auto", cache_dir
                 _perturb(trained.net, perturb_model)
             clf = build_classifier(trained, cache_bank=not (which == "model" and perturb_model))
         res = run_attacks(clf, sub.floats(), sub.y, specs, [gcfg.eps], overrides=overrides, progress=progress,
-                          seed=gcfg.seed)
+                          seed=gcfg.seed, norm=gcfg.norm)
         r = res["per_eps"][0]
         clean = torch.tensor(res["clean_correct"], dtype=torch.bool)
         out[which] = {
@@ -198,5 +199,8 @@ def check_baseline(baseline: dict[str, Any], gcfg: GateConfig) -> None:
     if baseline.get("settings", {}).get("model", "full") != gcfg.model:
         raise UsageError(f"the gate baseline is for model {baseline['settings'].get('model')!r}, not {gcfg.model!r}; "
                          f"give --baseline FILE made for it (--update-baseline --message ...)")
+    if baseline.get("settings", {}).get("norm", "Linf") != gcfg.norm:
+        raise UsageError(f"the gate baseline is for the {baseline['settings'].get('norm', 'Linf')} threat model, not "
+                         f"{gcfg.norm}; give --baseline FILE made for it (--update-baseline --message ...)")
     if baseline.get("settings", {}).get("attacks") != list(gcfg.attacks):
         raise UsageError("the gate baseline was made with other settings; rerun with --update-baseline --message ...")

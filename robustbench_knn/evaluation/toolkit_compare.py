@@ -32,13 +32,20 @@ from .experiment import DATASET_NAME, _eps_label, cell_dir
 PAPER = {8: 45.48, 16: 35.69}  # the paper's Table 1 robust accuracy of FULL at ε = 8/255, 16/255
 
 
-def suite_specs(names: tuple[str, ...] | list[str] = STANDARD_SUITE) -> list[AttackSpec]:
-    """Every registered implementation of each name, in the order of ``names``."""
+def suite_specs(names: tuple[str, ...] | list[str] = STANDARD_SUITE, norm: str = "Linf") -> list[AttackSpec]:
+    """Every registered implementation of each name that has a form for ``norm``, in the order of ``names``; a
+    name with no such implementation is refused before any work."""
     known = {s.name for s in REGISTRY.values()}
     for n in names:
         if n not in known:
             raise UsageError(f"unknown attack name {n!r}; `robustbench-knn attacks` lists them")
-    return [s for n in names for s in REGISTRY.values() if s.name == n]
+        if not any(s.name == n and norm in s.norms for s in REGISTRY.values()):
+            raise UsageError(f"no toolkit has a {norm} form of {n!r}; `robustbench-knn attacks` lists each one's norms")
+    return [s for n in names for s in REGISTRY.values() if s.name == n and norm in s.norms]
+
+
+def _stem(norm: str) -> str:
+    return "toolkits" if norm == "Linf" else f"toolkits-{norm}"
 
 
 def run_compare(
@@ -56,6 +63,7 @@ def run_compare(
     batch_size: int = 250,
     progress: bool = True,
     aligned: bool = True,
+    norm: str = "Linf",
 ) -> dict[str, Any]:
     """Train or load ``cfg``, then run (or resume) every cell (see :func:`compare_classifiers`); ``aligned``:
     decision-aligned surrogate logits (the default) or the raw surrogate."""
@@ -66,17 +74,17 @@ def run_compare(
     tag = "" if aligned else "-unaligned"
     return compare_classifiers(clfs, data, eps_list, name=cfg.name, config_hash=cfg.config_hash(), names=names,
                                n_test=n_test, out_dir=out_dir, seed=seed, batch_size=batch_size, progress=progress,
-                               cells=lambda sur: cell_dir(cfg, sur + tag, data.sha256, cache_dir))
+                               cells=lambda sur: cell_dir(cfg, sur + tag, data.sha256, cache_dir), norm=norm)
 
 
 def compare_classifiers(clfs: dict[str, torch.nn.Module], data: Any, eps_list: list[float], *, name: str,
                         config_hash: str, names: tuple[str, ...] | list[str] = STANDARD_SUITE, n_test: int = 1000,
                         out_dir: str | os.PathLike = "tables/toolkits", seed: int = 0, batch_size: int = 250,
-                        progress: bool = True, cells: Any = None) -> dict[str, Any]:
+                        progress: bool = True, cells: Any = None, norm: str = "Linf") -> dict[str, Any]:
     """Every attack of ``names`` through every toolkit, once per surrogate (``clfs``: surrogate name → the
     defense with those logits), judged by the defense's decision; ``toolkits.{json,csv,md}`` are written into
-    ``out_dir`` after each cell. ``cells(surrogate)`` → a cell cache folder, or None."""
-    specs = suite_specs(names)
+    ``out_dir`` after each cell (``toolkits-L2.*`` for ℓ2). ``cells(surrogate)`` → a cell cache folder, or None."""
+    specs = suite_specs(names, norm)
     surrogates = list(clfs)
     first = clfs[surrogates[0]]
     sub = data.test.head(min(n_test, len(data.test)))
@@ -86,7 +94,7 @@ def compare_classifiers(clfs: dict[str, torch.nn.Module], data: Any, eps_list: l
         "model": name, "config_hash": config_hash, "k": getattr(first, "k", None), "dataset": DATASET_NAME,
         "dataset_sha256": data.sha256, "n_test": len(x), "seed": seed, "device": str(first.device).split(":")[0],
         "versions": versions(), "eps": eps_list, "surrogates": surrogates, "cells": [],
-        "aligned": bool(getattr(first, "aligned", False)),
+        "aligned": bool(getattr(first, "aligned", False)), "threat_model": norm,
     }
     t0 = time.perf_counter()
     jobs = plan_jobs(specs, surrogates)
@@ -94,7 +102,7 @@ def compare_classifiers(clfs: dict[str, torch.nn.Module], data: Any, eps_list: l
     for spec, sur in tqdm(jobs, desc="toolkit table", disable=not progress, unit="cell"):
         # the model's own cell cache: cells finished by `evaluate` or `audit` on the same images are reused
         res = run_attacks(clfs[sur], x, y, [spec], eps_list, batch_size=batch_size, progress=progress, seed=seed,
-                          cell_dir=cells(sur) if cells else None)
+                          cell_dir=cells(sur) if cells else None, norm=norm)
         result["clean_correct"] = res["clean_correct"]
         for r in res["per_eps"]:
             entry = r["attacks"][spec.key]
@@ -172,7 +180,7 @@ def render_compare(result: dict[str, Any]) -> str:
         f"# Cross-toolkit robust accuracy: {result['model']} ({result['config_hash']}, k={result['k']})",
         "",
         f"{result['dataset']}, first {result['n_test']} test images (clean k-NN accuracy on them {clean:.2f}%), "
-        f"l∞, judged by the hard k-NN vote; only clean-correct points are attacked. Seed {result['seed']}, "
+        f"{'l∞' if result.get('threat_model', 'Linf') == 'Linf' else 'l2'}, judged by the hard k-NN vote; only clean-correct points are attacked. Seed {result['seed']}, "
         f"device {result['device']}, total wall time {result.get('wall_seconds', 0):.0f} s. Versions: "
         + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".",
         "Surrogate `objective` = the paper's attack loss (kFGSM follows it, whatever the toolkits' surrogate). "
@@ -183,7 +191,7 @@ def render_compare(result: dict[str, Any]) -> str:
         "Strongest single attack: " + "; ".join(f"ε={k}: {v}" for k, v in strongest(result).items()) + ".",
     ]
     worst_all = df[(df["attack"] == "worst case") & (df["surrogate"] == "all surrogates")]
-    for lab, paper in ((f"{k}/255", v) for k, v in PAPER.items()):
+    for lab, paper in ((f"{k}/255", v) for k, v in (PAPER if result.get("threat_model", "Linf") == "Linf" else {}).items()):
         col = f"robust {lab}"
         if col in df and len(worst_all) and pd.notna(worst_all[col].iloc[0]):
             val = float(worst_all[col].iloc[0])
@@ -191,23 +199,26 @@ def render_compare(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rerender(out_dir: str | os.PathLike, names: tuple[str, ...] | list[str] = STANDARD_SUITE) -> dict[str, Any]:
+def rerender(out_dir: str | os.PathLike, names: tuple[str, ...] | list[str] = STANDARD_SUITE, norm: str = "Linf"
+             ) -> dict[str, Any]:
     """Rebuild ``toolkits.{md,csv}`` from the stored ``toolkits.json`` alone (no computing), with the cells
     planned for ``names`` (a table stored before plans were recorded gets them too)."""
-    path = Path(out_dir) / "toolkits.json"
+    path = Path(out_dir) / f"{_stem(norm)}.json"
     if not path.is_file():
         raise UsageError(f"--render-only needs {path}; run the table first")
     result = read_json(path)
-    result["planned"] = [_row_key(spec, sur) for spec, sur in plan_jobs(suite_specs(names), result["surrogates"])]
+    result["planned"] = [_row_key(spec, sur) for spec, sur in plan_jobs(suite_specs(names, norm),
+                                                                         result["surrogates"])]
     save_compare(result, out_dir)
     return result
 
 
 def save_compare(result: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
+    stem = _stem(result.get("threat_model", "Linf"))
     if not current().writer:  # rank 0 writes what every rank holds
-        return out / "toolkits.md"
-    write_json(out / "toolkits.json", result)
-    write_text(out / "toolkits.csv", compare_frame(result).to_csv(index=False))
-    write_text(out / "toolkits.md", render_compare(result))
-    return out / "toolkits.md"
+        return out / f"{stem}.md"
+    write_json(out / f"{stem}.json", result)
+    write_text(out / f"{stem}.csv", compare_frame(result).to_csv(index=False))
+    write_text(out / f"{stem}.md", render_compare(result))
+    return out / f"{stem}.md"

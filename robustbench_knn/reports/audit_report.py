@@ -36,14 +36,16 @@ def audit_model_card(result: dict[str, Any]) -> dict[str, Any]:
     return model_card(result.get("model", "model"), result.get("dataset", ""), result["eps"], result["clean_acc"],
                       result["upper_bound_acc"], result["robust_acc"], result["n"],
                       unreliable=bool(against_bound), footnote=f"Audit verdict: {verdict['text']}",
-                      backbone=result.get("backbone"))
+                      backbone=result.get("backbone"), threat_model=result.get("threat_model", "Linf"))
 
 
 def save_audit(result: dict[str, Any], out_dir: str | os.PathLike) -> Path:
-    """``audit-<model>-<hash>-eps<N>.json`` + ``.csv`` (checks) + ``-attacks.csv`` + the two PNG plots."""
+    """``audit-<model>-<hash>-eps<N>.json`` (ℓ2: ``-L2-eps<ε>``) + ``.csv`` (checks) + ``-attacks.csv`` + the two
+    PNG plots."""
     out = Path(out_dir)
-    label = f"{result['eps'] * 255:g}".replace(".", "p")
-    stem = out / f"audit-{result.get('model', 'model')}-{result.get('config_hash', 'x')}-eps{label}"
+    norm = result.get("threat_model", "Linf")
+    label = (f"eps{result['eps'] * 255:g}" if norm == "Linf" else f"{norm}-eps{result['eps']:g}").replace(".", "p")
+    stem = out / f"audit-{result.get('model', 'model')}-{result.get('config_hash', 'x')}-{label}"
     if not current().writer:  # rank 0 writes what every rank holds
         return stem.with_suffix(".json")
     write_json(stem.with_suffix(".json"), result)
@@ -51,7 +53,7 @@ def save_audit(result: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     write_text(Path(f"{stem}-attacks.csv"), attacks_frame(result).to_csv(index=False))
     write_json(Path(f"{stem}.model-card.json"), audit_model_card(result))
     plot_eps_curves(result["eps_curves"], Path(f"{stem}-eps.png"),
-                    title=f"{result.get('model', '')}: robust accuracy vs ε")
+                    title=f"{result.get('model', '')}: robust accuracy vs ε", norm=norm)
     if result["steps_curves"]:
-        plot_steps_curves(result["steps_curves"], Path(f"{stem}-steps.png"), eps=result["eps"])
+        plot_steps_curves(result["steps_curves"], Path(f"{stem}-steps.png"), eps=result["eps"], norm=norm)
     return stem.with_suffix(".json")

@@ -83,8 +83,10 @@ document.querySelectorAll("table.board").forEach(function (table) {
 """
 
 
-def _eps_tick(eps: float) -> str:
+def _eps_tick(eps: float, threat_model: str = "Linf") -> str:
     k = eps * 255
+    if threat_model != "Linf":
+        return f"{eps:g}"
     return f"{round(k)}" if abs(k - round(k)) < 1e-6 else f"{eps:.3g}"
 
 
@@ -140,10 +142,11 @@ def svg_plot(row: Row, width: int = 330, height: int = 210) -> str:
                    f'<text x="{left - 4}" y="{Y(a) + 3:.1f}" text-anchor="end" fill="#555">{a}</text>')
     for e in eps_all:
         out.append(f'<line x1="{X(e):.1f}" x2="{X(e):.1f}" y1="{top + ph}" y2="{top + ph + 4}" stroke="#777"/>'
-                   f'<text x="{X(e):.1f}" y="{top + ph + 14}" text-anchor="middle" fill="#555">{_eps_tick(e)}</text>')
+                   f'<text x="{X(e):.1f}" y="{top + ph + 14}" text-anchor="middle" fill="#555">'
+                   f'{_eps_tick(e, row.threat_model)}</text>')
     out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
     out.append(f'<text x="{left + pw / 2}" y="{height - 4}" text-anchor="middle" fill="#333">'
-               f'ε (×1/255, log scale)</text>')
+               f'{"ε (×1/255, log scale)" if row.threat_model == "Linf" else "ℓ2 ε (log scale)"}</text>')
     out.append(f'<text x="11" y="{top + ph / 2}" text-anchor="middle" fill="#333" '
                f'transform="rotate(-90 11 {top + ph / 2})">robust acc. %</text>')
     audited = [e for e in eps_all if row.audit_eps is not None and abs(e - row.audit_eps) < 1e-9]

@@ -31,23 +31,26 @@ def _save(fig: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def plot_eps_curves(curves: dict[str, list[tuple[float, float]]], path: str | os.PathLike, *, title: str = ""
-                    ) -> Path:
-    """Robust accuracy (%) vs ε (in /255) per attack; ``curves`` maps a label to [(ε, accuracy), ...]."""
+def plot_eps_curves(curves: dict[str, list[tuple[float, float]]], path: str | os.PathLike, *, title: str = "",
+                    norm: str = "Linf") -> Path:
+    """Robust accuracy (%) vs ε per attack (ℓ∞: in /255; ℓ2: in pixel units); ``curves`` maps a label to
+    [(ε, accuracy), ...]."""
+    scale = 255 if norm == "Linf" else 1
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, pts in curves.items():
         if pts:
             e, a = zip(*sorted(pts))
             style = {"color": "black", "linestyle": "--", "linewidth": 2} if label == "worst case" else {}
-            ax.plot([v * 255 for v in e], a, marker="o", label=label, **style)
-    ax.set(xlabel="ε (×1/255, ℓ∞)", ylabel="robust accuracy (%)", ylim=(-2, 102), title=title)
+            ax.plot([v * scale for v in e], a, marker="o", label=label, **style)
+    ax.set(xlabel="ε (×1/255, ℓ∞)" if norm == "Linf" else "ε (ℓ2, pixel units in [0, 1])",
+           ylabel="robust accuracy (%)", ylim=(-2, 102), title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
 
 
-def plot_steps_curves(curves: dict[str, list[tuple[float, float]]], path: str | os.PathLike, *, eps: float | None = None
-                      ) -> Path:
+def plot_steps_curves(curves: dict[str, list[tuple[float, float]]], path: str | os.PathLike, *, eps: float | None = None,
+                      norm: str = "Linf") -> Path:
     """Robust accuracy (%) vs the multiple of each attack's default steps/restarts/queries (log scale)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, pts in curves.items():
@@ -55,7 +58,8 @@ def plot_steps_curves(curves: dict[str, list[tuple[float, float]]], path: str | 
         ax.plot(f, a, marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set(xlabel="× default steps / restarts / queries", ylabel="robust accuracy (%)",
-           title=f"accuracy vs steps at ε = {eps * 255:.0f}/255" if eps is not None else "accuracy vs steps")
+           title=("accuracy vs steps" if eps is None else f"accuracy vs steps at ε = {eps * 255:.0f}/255"
+                  if norm == "Linf" else f"accuracy vs steps at ℓ2 ε = {eps:g}"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
