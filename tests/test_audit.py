@@ -5,10 +5,14 @@ import json
 import pytest
 import torch
 
-from robustbench_knn.cli import main
+from robustbench_knn.cli import _model_config, build_parser, main
+from robustbench_knn.data import load_cifar10
 from robustbench_knn.evaluation.audit import attribution, run_audit
+from robustbench_knn.paper.classifier import build_classifier
+from robustbench_knn.paper.train import train_model
 from robustbench_knn.reports.audit_report import audit_model_card, save_audit
 from robustbench_knn.reports.plots import figure3_config, figure3_points, plot_eps_curves, plot_figure3
+from robustbench_knn.store import state_digest
 
 from .conftest import TINY_SETS
 
@@ -98,6 +102,10 @@ def test_audit_cli_quick_end_to_end(tiny_data_dir, cache_dir, tmp_path, capsys):
     res = json.loads(next(tmp_path.glob("audit-*-eps16.json")).read_text())
     assert res["n"] == 20 and res["quick"] and len(res["eps_curves"]["worst case"]) == 5  # 0, 8, 16, 32, 64 /255
     assert list(tmp_path.glob("*.png"))
+    # the audit names the weights it judged (the leaderboard keys rows by them)
+    cfg = _model_config(build_parser().parse_args(["audit", "--model", "full", *common]))
+    trained = train_model(cfg, load_cifar10(tiny_data_dir), device="cpu", cache_dir=cache_dir, progress=False)
+    assert res["weights_hash"] == state_digest(build_classifier(trained))
 
 
 def test_audit_cli_rejects_several_eps(tmp_path, capsys):

@@ -161,6 +161,21 @@ def test_two_hashes_of_one_name_stay_two_rows(tmp_path):
     assert rows == {"f37494becba4": "4.00", "00112233aabb": "9.00"}
 
 
+def test_one_recipe_trained_twice_is_two_rows(tmp_path):
+    # planted: rows keyed by the file name's config hash only (the two trainings merged into one row, worst 4.00)
+    cards = tmp_path / "cards"
+    put(cards / "gpu", "evaluate-full-f37494becba4-potential", card("full", worst="4.00"),
+        {"model": "full", "config_hash": "f37494becba4"})
+    put(cards / "cpu", "evaluate-full-f37494becba4-potential", card("full", worst="9.00"),
+        {"model": "full", "config_hash": "f37494becba4", "weights_hash": "b5b426410067"})
+    put(cards / "cpu", "audit-full-f37494becba4-eps8", card("full", worst="7.00"),
+        {**audit_result("full", "f37494becba4", reported=8.0, upper=7.0, config=CONFIG),
+         "weights_hash": "b5b426410067"})
+    html, _ = build(tmp_path)
+    rows = {r["hash"]: r["worst case %"] for r in html.tables[0]["dicts"]}
+    assert rows == {"f37494becba4": "4.00", "b5b426410067": "7.00"}
+
+
 @pytest.mark.parametrize("lower", ["audit", "evaluate"])
 def test_audit_and_evaluate_cards_of_one_model_and_eps_merge_into_one_row(tmp_path, lower):
     # planted: the merged row takes the higher worst case (max, not min); the standard suite's figure not read

@@ -271,7 +271,7 @@ def audit_classifier(clf: torch.nn.Module, data: Any, eps: float, *, name: str, 
     on Table 2's row A at ``target_cfg``'s size; a defense without a config of this project needs
     ``transfer_source`` named (a row of ``config.MODELS``, at FULL's size), else transfer is skipped and the
     verdict says so, and a source that shares the defense's weights is skipped likewise."""
-    from .experiment import DATASET_NAME
+    from .experiment import DATASET_NAME, weights_hash
 
     if n_test < 1:
         raise UsageError("--n-test must be >= 1")
@@ -295,7 +295,8 @@ def audit_classifier(clf: torch.nn.Module, data: Any, eps: float, *, name: str, 
                            batch_size=batch_size, seed=seed, cell_dir=cells, progress=progress,
                            active_points=active_points, notes=notes, norm=norm)
     save_audit_record(cells, result)
-    return {"model": name, "config": config, "config_hash": config_hash, "dataset": DATASET_NAME,
+    return {"model": name, "config": config, "config_hash": config_hash, "weights_hash": weights_hash(clf),
+            "dataset": DATASET_NAME,
             "dataset_sha256": data.sha256, "surrogate": getattr(clf, "surrogate_name", "logits"), "quick": quick,
             "seed": seed, "device": str(clf.device), "versions": versions(),
             "backbone": getattr(clf, "backbone", None), **result}

@@ -64,9 +64,8 @@ def benchmark_config(
         result = evaluate_classifier(clf, data, specs, eps_list, name=cfg.name, n_test=n_test, n_clean=n_clean,
                                      seed=seed, overrides=overrides, batch_size=batch_size, cell_dir=cells,
                                      dataset_name=dataset_name, progress=progress, cascade=cascade, norm=norm)
-    # the config hash names the recipe; training on another machine gives other weights under the same recipe
     head = {"model": cfg.name, "config": cfg.to_dict(), "config_hash": cfg.config_hash(),
-            "weights_hash": weights_hash(clf), "surrogate": getattr(clf, "surrogate_name", "logits"),
+            "surrogate": getattr(clf, "surrogate_name", "logits"),
             "device": str(dev)}
     result = {**head, **{k: v for k, v in result.items() if k not in head},
               "train_log": {k: trained.log[k] for k in ("train_seconds",)},
@@ -97,7 +96,8 @@ def evaluate_classifier(clf: torch.nn.Module, data: Any, specs: list[AttackSpec]
     annotate_reliability(attacked, clf, sub.floats()[:batch_size].to(clf.device), cell_dir)
     part = current()
     return {
-        "model": name, "config_hash": weights_hash(clf), "backbone": getattr(clf, "backbone", None),
+        # a config's hash names the recipe; training on another machine gives other weights under the same recipe
+        "model": name, "config_hash": weights_hash(clf), "weights_hash": weights_hash(clf), "backbone": getattr(clf, "backbone", None),
         "dataset": dataset_name, "dataset_sha256": data.sha256,
         "n_clean": n_clean, "clean_acc_full": round(clean_acc, 2), "n_test": n_test, "seed": seed,
         "batch_size": batch_size, "surrogate": getattr(clf, "surrogate_name", "logits"),

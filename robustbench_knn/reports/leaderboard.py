@@ -173,7 +173,9 @@ def read_card(card: Path) -> list[Entry]:
     result = result if isinstance(result, dict) else None
     name = str(data.get("name") or (result or {}).get("model") or stem)
     hash_, tail = _hash_and_tail(stem, name)
-    hash_ = hash_ or str((result or {}).get("config_hash") or "")
+    # one recipe (config hash) trained on two machines gives two models: where the results name the weights, the
+    # row is keyed by them
+    hash_ = str((result or {}).get("weights_hash") or hash_ or (result or {}).get("config_hash") or "")
     label = f"{card.parent.name}/{kind}" + (f"-{tail}" if tail else "")
     cards = [data] + [c for c in (data.get("more_eps") or []) if isinstance(c, dict)]
     entries = []
