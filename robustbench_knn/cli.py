@@ -283,6 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-points", type=int, default=100, help="the first N clean-correct test images")
     p.add_argument("--surrogate", default="potential", help="potential or softknn (what the toolkit attacks follow)")
     p.add_argument("--out", default="results", help="folder for active-<model>-<hash>-eps<N>.json")
+
+    p = sub.add_parser("certify", help="certified lower bounds: test points whose k-NN vote no input in the ball "
+                                       "can change (IBP over the embedding, a pessimistic vote)")
+    _common(p)
+    _norm_options(p)
+    p.add_argument("--n-test", type=int, default=1000, help="first N test images are certified")
+    p.add_argument("--steps", type=int, default=10, help="bisection steps for each image's certified radius")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--out", default="results", help="folder for certify-<model>-<hash>-<norm>.{json,csv}")
     return parser
 
 
@@ -684,10 +693,47 @@ def cmd_leaderboard(args: argparse.Namespace) -> None:
     print(f"{len(board.rows)} rows; written: {', '.join(map(str, paths))}")
 
 
+def _built_model(args: argparse.Namespace, data: Any, dev: Any, surrogate: str = "potential") -> tuple[Any, str]:
+    """--model as a ready classifier and its name: a config of this project trained or loaded from the cache."""
+    from .defenses.loading import resolve_model
+
+    if is_config_name(args.model):
+        from .paper.classifier import build_classifier
+        from .paper.train import train_model
+
+        cfg = _model_config(args)
+        return build_classifier(train_model(cfg, data, device=dev, cache_dir=args.cache_dir,
+                                            progress=not args.quiet), surrogate), cfg.name
+    clf, _, name = resolve_model(args.model, surrogate=surrogate, device=dev)
+    return clf, name
+
+
+def cmd_certify(args: argparse.Namespace) -> None:
+    from .data import load_cifar10
+    from .devices import machine_name, resolve_device
+    from .evaluation.certify import certify, save_certificate, summary
+    from .evaluation.evaluate import versions
+
+    norm, eps = _threat(args)
+    if not 1 <= args.n_test <= TEST_SET_SIZE:
+        raise UsageError(f"--n-test must be between 1 and {TEST_SET_SIZE}")
+    if args.steps < 0 or args.batch_size < 1:
+        raise UsageError("--steps must be >= 0 and --batch-size >= 1")
+    check_writable_file(str(Path(args.out) / "certify.json"))  # before any training
+    dev = resolve_device(args.device)
+    data = load_cifar10(args.data_dir)
+    clf, name = _built_model(args, data, dev)
+    cert = certify(clf, data.test.floats()[:args.n_test], data.test.y[:args.n_test], eps, norm, steps=args.steps,
+                   batch_size=args.batch_size)
+    path = save_certificate(cert, args.out, model=name, defense=clf, info={
+        "dataset_sha256": data.sha256, "device": str(dev), "machine": machine_name(dev), "versions": versions()})
+    print(summary(cert))
+    print(f"results: {path}")
+
+
 def cmd_active_test(args: argparse.Namespace) -> None:
     from .attacks import parse_attack_list
     from .data import load_cifar10
-    from .defenses.loading import resolve_model
     from .devices import machine_name, resolve_device
     from .evaluation.active_test import active_test, summary
     from .evaluation.evaluate import versions
@@ -703,15 +749,7 @@ def cmd_active_test(args: argparse.Namespace) -> None:
     check_writable_file(str(Path(args.out) / "active.json"))  # before any training
     dev = resolve_device(args.device)
     data = load_cifar10(args.data_dir)
-    if is_config_name(args.model):
-        from .paper.classifier import build_classifier
-        from .paper.train import train_model
-
-        cfg = _model_config(args)
-        clf, name = build_classifier(train_model(cfg, data, device=dev, cache_dir=args.cache_dir,
-                                                 progress=not args.quiet), args.surrogate), cfg.name
-    else:
-        clf, _, name = resolve_model(args.model, surrogate=args.surrogate, device=dev)
+    clf, name = _built_model(args, data, dev, args.surrogate)
     res = active_test(clf, data.test.floats(), data.test.y, eps[0], specs, n_points=args.n_points,
                       seed=args.seed or 0, progress=not args.quiet)
     res = {"model": name, "weights_hash": weights_hash(clf), "dataset_sha256": data.sha256, "device": str(dev),
@@ -725,7 +763,7 @@ def cmd_active_test(args: argparse.Namespace) -> None:
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "attacks": cmd_attacks, "toolkits": cmd_toolkits,
             "search": cmd_search, "export": cmd_export, "merge": cmd_merge,
             "bench": cmd_bench, "table": cmd_table, "gate": cmd_gate, "audit": cmd_audit,
-            "leaderboard": cmd_leaderboard, "active-test": cmd_active_test}
+            "leaderboard": cmd_leaderboard, "active-test": cmd_active_test, "certify": cmd_certify}
 
 
 DISTRIBUTED = ("evaluate", "audit", "toolkits")  # the commands torchrun can split

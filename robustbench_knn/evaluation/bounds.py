@@ -1,0 +1,185 @@
+"""Sound bounds for certification: the embedding of every input in a threat ball, and the distance from it to
+each bank point, as intervals.
+
+- ``input_box``: the ℓ∞ ball ∩ [0, 1] is a box; the ℓ2 ball ∩ [0, 1] lies inside the box x ± ε clipped to [0, 1]
+  (the ℓ2 radius travels with the box for the layers that can use it).
+- ``embedding_bounds``: interval bound propagation (IBP) through the layers of the paper's IdResNet (per-image or
+  per-position normalisation, Linear, ReLU, identity-initialised residual layers) and of plain ``nn.Sequential``
+  embeddings (Linear, Flatten, Identity, ReLU, Tanh, Sigmoid); any other layer is refused, never guessed.
+- ``distance_intervals``: per test point and bank point, [lo, hi] ⊇ {dist(f(x'), b) : x' in the ball} for the
+  defense's metric (``l2``, ``sum-l2:N``, ``cosine``). An identity embedding (raw pixels) gets the exact box
+  distances, for ℓ2 intersected with ‖x − b‖ ± ε per sub-space.
+
+Arithmetic is float64. The network itself runs in float32, so its computed embedding can differ from the real-number
+function IBP bounds by rounding: network boxes are widened by ``FLOAT_SLACK`` (relative) to cover that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import UsageError
+from ..defenses.defense import KNNDefense
+from ..defenses.subjects import Penultimate, Pixels
+from ..paper.model import IdRes, IdResNet
+
+FLOAT_SLACK = 1e-5  # relative widening of network boxes: float32 forward passes round by far less than this
+EXACT_SLACK = 1e-9  # float64 rounding of the identity embedding's closed forms
+MONOTONE = (nn.ReLU, nn.Tanh, nn.Sigmoid)  # elementwise non-decreasing: bounds map end to end
+IDENTITY = (nn.Flatten, nn.Identity, Pixels)
+
+
+@dataclass
+class Box:
+    """lo ≤ z ≤ hi per coordinate, (B, W) float64. ``center`` and ``l2`` (an ℓ2 radius around it, (B,)) are
+    known for the input set only; a layer passes them on only where the values are unchanged."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    center: torch.Tensor | None = None
+    l2: torch.Tensor | None = None
+
+    def plain(self, lo: torch.Tensor, hi: torch.Tensor) -> "Box":
+        return Box(lo, hi)
+
+
+def input_box(x: torch.Tensor, eps: torch.Tensor | float, norm: str) -> Box:
+    """The threat set of each row of ``x`` (any image shape, flattened) at radius ``eps`` (a float or one per row)."""
+    x = x.flatten(1).double()
+    e = torch.as_tensor(eps, dtype=torch.float64, device=x.device).expand(len(x)).reshape(-1, 1)
+    lo, hi = (x - e).clamp(0, 1), (x + e).clamp(0, 1)
+    return Box(lo, hi, center=x, l2=e[:, 0] if norm == "L2" else None)
+
+
+def is_identity(net: nn.Module) -> bool:
+    """An embedding that returns its input flattened (raw-pixel k-NN)."""
+    if isinstance(net, nn.Sequential):
+        return all(is_identity(m) for m in net)
+    return isinstance(net, IDENTITY)
+
+
+def _linear(m: nn.Linear, box: Box) -> Box:
+    w = m.weight.double()
+    mid, rad = (box.lo + box.hi) / 2, (box.hi - box.lo) / 2
+    c = mid @ w.T + (m.bias.double() if m.bias is not None else 0)
+    r = rad @ w.abs().T
+    return Box(c - r, c + r)
+
+
+def _image_normalisation(box: Box) -> Box:
+    """Bounds on IdResNet's per-image standardisation z = (x − mean(x)) / max(‖Px‖, 1)·√D, with P the centring
+    projection. The denominator: ‖Px'‖ is within r of ‖Pc‖ for any x' within ℓ2 distance r of c (P is an
+    orthogonal projection, so ‖P(x' − c)‖ ≤ r). The numerator is linear in x'; its box is exact per coordinate."""
+    lo, hi = box.lo, box.hi
+    d = lo.shape[1]
+    c = box.center if box.center is not None else (lo + hi) / 2
+    r = torch.maximum(hi - c, c - lo).norm(dim=1)  # the box around c in ℓ2
+    if box.l2 is not None:
+        r = torch.minimum(r, box.l2)
+    pc = (c - c.mean(1, keepdim=True)).norm(dim=1)
+    s_lo = ((pc - r).clamp_min(1.0) / d ** 0.5)[:, None]
+    s_hi = ((pc + r).clamp_min(1.0) / d ** 0.5)[:, None]
+    n_lo = lo * (1 - 1 / d) - (hi.sum(1, keepdim=True) - hi) / d
+    n_hi = hi * (1 - 1 / d) - (lo.sum(1, keepdim=True) - lo) / d
+    return Box(torch.minimum(n_lo / s_lo, n_lo / s_hi), torch.maximum(n_hi / s_lo, n_hi / s_hi))
+
+
+def _idresnet(net: IdResNet, box: Box, features_only: bool = False) -> Box:
+    if net.cfg.normalization == "image":
+        box = _image_normalisation(box)
+    else:  # per position: an increasing affine map (std > 0)
+        mean, std = net.mean.flatten().double(), net.std.flatten().double()
+        box = Box((box.lo - mean) / std, (box.hi - mean) / std)
+    box = _linear(net.ots, box)
+    if net.cfg.ots_activation == "relu":
+        box = Box(box.lo.clamp_min(0), box.hi.clamp_min(0))
+    for i in range(net.cfg.n_dec):
+        box = propagate(net.dec[0 if net.cfg.share_dec else i], box)
+    return box if features_only else propagate(net.cl, box)
+
+
+def propagate(m: nn.Module, box: Box) -> Box:
+    """IBP through one module: a box holding ``m(z)`` for every ``z`` in ``box``."""
+    if isinstance(m, nn.Sequential):
+        for layer in m:
+            box = propagate(layer, box)
+        return box
+    if isinstance(m, IDENTITY):
+        return box  # values unchanged (inputs are already flat)
+    if isinstance(m, nn.Linear):
+        return _linear(m, box)
+    if isinstance(m, MONOTONE):
+        return Box(m(box.lo), m(box.hi))
+    if isinstance(m, IdRes):
+        out = propagate(m.branch, box)
+        if m.identity:  # the skip's values and the branch's vary together; adding their boxes is sound
+            out = Box(out.lo + box.lo[:, -m.out_dim:], out.hi + box.hi[:, -m.out_dim:])
+        return out
+    if isinstance(m, IdResNet):
+        return _idresnet(m, box)
+    if isinstance(m, Penultimate) and isinstance(m.net, IdResNet):
+        return _idresnet(m.net, box, features_only=True)
+    raise UsageError(f"certify bounds embeddings built from Linear, ReLU, Tanh, Sigmoid, Flatten, Identity and the "
+                     f"paper's IdResNet; this one has a {type(m).__name__}")
+
+
+def _normalised(box: Box) -> Box:
+    """Bounds on e / max(‖e‖, 1e-12) (``F.normalize``) over a box: each coordinate over the norm's interval,
+    clipped to [−1, 1] (where a unit vector's coordinates lie)."""
+    n_lo = torch.where((box.lo <= 0) & (box.hi >= 0), torch.zeros_like(box.lo),
+                       torch.minimum(box.lo.abs(), box.hi.abs())).norm(dim=1, keepdim=True).clamp_min(1e-12)
+    n_hi = torch.maximum(box.lo.abs(), box.hi.abs()).norm(dim=1, keepdim=True).clamp_min(1e-12)
+    lo = torch.minimum(box.lo / n_lo, box.lo / n_hi).clamp(-1, 1)
+    hi = torch.maximum(box.hi / n_lo, box.hi / n_hi).clamp(-1, 1)
+    return Box(lo, hi)
+
+
+def embedding_bounds(defense: KNNDefense, box: Box) -> Box:
+    """A box holding ``defense.embed(x')`` for every x' in the input set ``box``."""
+    if is_identity(defense.net):
+        out = box
+    else:
+        out = propagate(defense.net, box)
+        pad = FLOAT_SLACK * (1 + torch.maximum(out.lo.abs(), out.hi.abs()).amax(1, keepdim=True))
+        out = Box(out.lo - pad, out.hi + pad)
+    return _normalised(out) if defense.normalize else out
+
+
+def _block_intervals(emb: Box, bank: torch.Tensor, n_spaces: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[lo, hi] of Σ_s ‖e_s − b_s‖ over the box, (B, m): per sub-space the nearest and farthest point of the box."""
+    b = bank.double()[None]  # (1, m, W)
+    lo, hi = emb.lo[:, None], emb.hi[:, None]  # (B, 1, W)
+    near = (lo - b).clamp_min(0) + (b - hi).clamp_min(0)
+    far = torch.maximum(b - lo, hi - b)
+    shape = (*near.shape[:2], n_spaces, near.shape[2] // n_spaces)
+    return near.reshape(shape).pow(2).sum(-1).sqrt().sum(-1), far.reshape(shape).pow(2).sum(-1).sqrt().sum(-1)
+
+
+def distance_intervals(defense: KNNDefense, x: torch.Tensor, eps: torch.Tensor | float, norm: str,
+                       block_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi), each (B, M) float64: lo ≤ dist(embed(x'), bank_j) ≤ hi for every x' in the ball of radius ``eps``
+    (one per row or one for all) around each row of ``x``, intersected with [0, 1]. Bank columns in blocks of
+    ``block_elements`` / (B·W) points, so a 50,000-point bank never meets a (B, M, W) tensor."""
+    x = x.to(defense.device)
+    inp = input_box(x, eps, norm)
+    emb = embedding_bounds(defense, inp)
+    bank, n_spaces = defense.bank, defense.n_spaces
+    ball = norm == "L2" and is_identity(defense.net) and not defense.normalize
+    width = max(1, block_elements // max(1, emb.lo.numel()))
+    los, his = [], []
+    for s in range(0, len(bank), width):
+        lo, hi = _block_intervals(emb, bank[s:s + width], n_spaces)
+        if ball:  # each sub-space moves by at most ε: its distance by at most ε (the triangle inequality)
+            diff = inp.center[:, None] - bank[s:s + width].double()[None]
+            d = diff.reshape(*diff.shape[:2], n_spaces, -1).norm(dim=-1)  # (B, m, S)
+            e = inp.l2.view(-1, 1, 1)
+            lo = torch.maximum(lo, (d - e).clamp_min(0).sum(-1))
+            hi = torch.minimum(hi, (d + e).sum(-1))
+        los.append(lo)
+        his.append(hi)
+    lo, hi = torch.cat(los, 1), torch.cat(his, 1)
+    slack = EXACT_SLACK * (1 + hi)
+    return (lo - slack).clamp_min(0), hi + slack
