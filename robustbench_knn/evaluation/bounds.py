@@ -25,6 +25,7 @@ from ..config import UsageError
 from ..defenses.defense import KNNDefense
 from ..defenses.subjects import Penultimate, Pixels
 from ..paper.model import IdRes, IdResNet
+from .evaluate import TOL
 
 FLOAT_SLACK = 1e-5  # relative widening of network boxes: float32 forward passes round by far less than this
 EXACT_SLACK = 1e-9  # float64 rounding of the identity embedding's closed forms
@@ -47,10 +48,12 @@ class Box:
 
 
 def input_box(x: torch.Tensor, eps: torch.Tensor | float, norm: str) -> Box:
-    """The threat set of each row of ``x`` (any image shape, flattened) at radius ``eps`` (a float or one per row)."""
+    """The threat set of each row of ``x`` (any image shape, flattened) at radius ``eps`` (a float or one per row),
+    grown by the judge's float32 slack ``TOL``: every example the evaluator accepts as valid lies inside."""
     x = x.flatten(1).double()
     e = torch.as_tensor(eps, dtype=torch.float64, device=x.device).expand(len(x)).reshape(-1, 1)
-    lo, hi = (x - e).clamp(0, 1), (x + e).clamp(0, 1)
+    e = e + TOL * (e.clamp_min(1) if norm == "L2" else 1)  # the slack evaluate.valid_examples accepts
+    lo, hi = (x - e).clamp(-TOL, 1 + TOL), (x + e).clamp(-TOL, 1 + TOL)
     return Box(lo, hi, center=x, l2=e[:, 0] if norm == "L2" else None)
 
 
