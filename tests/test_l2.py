@@ -158,3 +158,21 @@ def test_l2_audit_end_to_end_and_its_refusals(tiny_data_dir, cache_dir, tmp_path
     assert card["threat_model"] == "L2" and card["eps"] == "0.5"
     for entry in res["main"]["per_eps"][0]["attacks"].values():  # every example judged in the ℓ2 ball
         assert entry["violations"]["max_dist"] <= 0.5 + 1e-5
+
+
+def test_l2_radii_are_labelled_as_numbers_not_steps_of_1_255(tmp_path):
+    # planted: one label for both norms (ℓ2 ε = 1.0 read "255/255" in the summary, the card and the leaderboard)
+    from robustbench_knn.evaluation.cards import model_card
+    from robustbench_knn.evaluation.experiment import summary_frame
+    from robustbench_knn.reports.leaderboard import build_leaderboard
+
+    card = model_card("m", "d", 1.0, 50.0, 9.2, {"native:feature": 9.2}, 500, threat_model="L2")
+    assert card["eps"] == "1"
+    assert model_card("m", "d", 8 / 255, 50.0, 9.2, {}, 500)["eps"] == "8/255"
+    result = {"threat_model": "L2", "per_eps": [{"eps": 1.0, "clean_acc": 50.0, "worst_case_acc": 9.2, "attacks": {
+        "native:feature": {"robust_acc": 9.2, "zero_or_nonfinite_grad_frac": 0.0, "seconds": 1.0}}}]}
+    assert summary_frame(result)["eps"].tolist() == ["1"]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "evaluate-m-0123456789ab-potential-L2.model-card.json").write_text(json.dumps(card))
+    board = build_leaderboard([tmp_path / "c"])
+    assert [r.eps for r in board.rows] == ["1"]

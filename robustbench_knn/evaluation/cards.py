@@ -15,7 +15,11 @@ from ..store import read_json, write_json
 from .checks import cheap_checks, family_of, reliability
 
 
-def eps_label(eps: float) -> str:
+def eps_label(eps: float, norm: str = "Linf") -> str:
+    """ℓ∞ radii in the 8/255 form where they are whole steps of 1/255; ℓ2 radii as plain numbers (1.0 is "1", not
+    "255/255")."""
+    if norm != "Linf":
+        return f"{eps:.4g}"
     k = eps * 255
     return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:.4g}"
 
@@ -30,7 +34,7 @@ def model_card(name: str, dataset: str, eps: float, clean_acc: float, robust_acc
     come from (its hashes and head accuracy), where there is one."""
     card = {
         "name": name, "dataset": "cifar10", "dataset_detail": dataset, "threat_model": threat_model,
-        "eps": eps_label(eps),
+        "eps": eps_label(eps, threat_model),
         "clean_acc": f"{clean_acc:.2f}", "reported": None, "worst_case_robust_acc": f"{robust_acc:.2f}",
         "autoattack_acc": None, "unreliable": unreliable, "n_examples": n_examples,
         "footnote": footnote or ("Robust accuracy is the per-sample worst case over the attacks listed, judged by "

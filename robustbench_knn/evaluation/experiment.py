@@ -133,15 +133,16 @@ def cell_dir(cfg: ExperimentConfig, surrogate: str, dataset_sha: str, cache_dir:
 def summary_frame(result: dict[str, Any]) -> pd.DataFrame:
     """One row per (ε, attack) plus the worst case: robust accuracy, zero-gradient fraction, seconds."""
     rows = []
+    norm = result.get("threat_model", "Linf")
     for r in result["per_eps"]:
         for key, a in r["attacks"].items():
-            rows.append({"eps": _eps_label(r["eps"]), "attack": key + (" (on survivors)" if a.get("on_survivors") else ""),
+            rows.append({"eps": _eps_label(r["eps"], norm), "attack": key + (" (on survivors)" if a.get("on_survivors") else ""),
                          "clean_acc": r["clean_acc"],
                          "robust_acc": a.get("robust_acc", "REJECTED"),
                          "zero_grad_frac": a["zero_or_nonfinite_grad_frac"],
                          "surrogate_only": a.get("surrogate_fooled_decision_right"), "seconds": a["seconds"]})
         if len(r["attacks"]) > 1:
-            rows.append({"eps": _eps_label(r["eps"]), "attack": "worst case", "clean_acc": r["clean_acc"],
+            rows.append({"eps": _eps_label(r["eps"], norm), "attack": "worst case", "clean_acc": r["clean_acc"],
                          "robust_acc": r["worst_case_acc"], "zero_grad_frac": None, "surrogate_only": None,
                          "seconds": None})
     return pd.DataFrame(rows)

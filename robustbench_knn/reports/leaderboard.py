@@ -102,14 +102,14 @@ def _num(value: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _eps(label: Any) -> tuple[str, float]:
+def _eps(label: Any, norm: str = "Linf") -> tuple[str, float]:
     """Canonical label and value, so "8/255" and "0.0313725" are one ε; an unreadable one keeps its text."""
     try:
         text = str(label).strip()
         value = float(Fraction(text)) if "/" in text else float(text)
     except (ValueError, ZeroDivisionError):
         return str(label), math.inf
-    return eps_label(value), value
+    return eps_label(value, norm), value
 
 
 def _stem(card: Path) -> str:
@@ -180,7 +180,7 @@ def read_card(card: Path) -> list[Entry]:
     cards = [data] + [c for c in (data.get("more_eps") or []) if isinstance(c, dict)]
     entries = []
     for c in cards:
-        eps, eps_value = _eps(c.get("eps"))
+        eps, eps_value = _eps(c.get("eps"), str(c.get("threat_model") or "Linf"))
         unreliable = c.get("unreliable")
         n = c.get("n_examples")
         entries.append(Entry(
