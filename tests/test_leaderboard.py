@@ -283,3 +283,21 @@ def test_html_is_self_contained_sortable_and_plots_only_audited_models(tmp_path)
     assert html.svgs == ["curve-1"]  # the audited model only
     assert html.polylines == {"curve-1": 2}  # aa:apgd-t (the strongest standard attack) and the worst case
     assert "standard: aa:apgd-t" in text and "worst case (all runs)" in text
+
+
+def test_certified_column_comes_from_certify_results_of_the_same_weights(tmp_path):
+    # planted: certificates matched by model name only (the other weights' 9.00 landed in both rows)
+    cards = tmp_path / "cards"
+    put(cards, "evaluate-full-f37494becba4-potential", card("full", worst="4.00"),
+        {"model": "full", "config_hash": "f37494becba4", "weights_hash": "b5b426410067"})
+    put(cards, "evaluate-full-00112233aabb-potential", card("full", worst="6.00"))
+    cert = {"model": "full", "weights_hash": "b5b426410067", "norm": "Linf", "n": 500,
+            "per_eps": [{"eps": 4 / 255, "certified_acc": 20.0}, {"eps": EPS8, "certified_acc": 1.2}]}
+    (cards / "certify-full-b5b426410067-Linf.json").write_text(json.dumps(cert))
+    other = {**cert, "weights_hash": "ffffffffffff", "per_eps": [{"eps": EPS8, "certified_acc": 9.0}]}
+    (cards / "certify-full-ffffffffffff-Linf.json").write_text(json.dumps(other))
+    (cards / "certify-broken.json").write_text("{")  # passed over, not fatal
+    html, _ = build(tmp_path)
+    rows = {r["hash"]: r["certified %"] for r in html.tables[0]["dicts"]}
+    assert rows == {"b5b426410067": "1.20", "00112233aabb": ""}
+    assert any(h.endswith("certify-full-b5b426410067-Linf.json") for h in html.tables[0]["hrefs"])

@@ -80,6 +80,7 @@ class Row:
     standard: list[str] = field(default_factory=list)  # the audit's standard-suite attack keys
     audit_eps: float | None = None
     rank: int | None = None
+    certificate: Path | None = None  # the `certify` results the certified figure comes from
 
 
 @dataclass
@@ -256,6 +257,23 @@ def _rank(rows: list[Row]) -> list[Row]:
     return out
 
 
+def _certificates(dirs: Sequence[str | os.PathLike]) -> dict[tuple[str, str, str, str], tuple[float, Path]]:
+    """(threat model, ε label, model, weights hash) → (certified %, file) from every ``certify-*.json``; a file
+    that is not a certificate is passed over (the cards are what the leaderboard is made of)."""
+    found = {}
+    for d in dirs:
+        for path in sorted(Path(d).rglob("certify-*.json")):
+            try:
+                res = read_json(path)
+                norm = str(res["norm"])
+                for r in res["per_eps"]:
+                    key = (norm, eps_label(float(r["eps"]), norm), str(res["model"]), str(res["weights_hash"]))
+                    found[key] = (float(r["certified_acc"]), path)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    return found
+
+
 def build_leaderboard(dirs: Sequence[str | os.PathLike]) -> Leaderboard:
     groups: dict[tuple[str, str, str, str], list[Entry]] = {}
     skipped = []
@@ -272,6 +290,10 @@ def build_leaderboard(dirs: Sequence[str | os.PathLike]) -> Leaderboard:
         raise UsageError(f"no readable model cards under {where}: " + "; ".join(f"{p}: {why}" for p, why in skipped)
                          if skipped else f"no model cards (*{CARD_SUFFIX}) under {where}")
     rows = [_merge(g) for g in groups.values()]
+    certificates = _certificates(dirs)
+    for r in rows:  # a certified lower bound of the same weights at the same ε
+        if (hit := certificates.get((r.threat_model, r.eps, r.name, r.hash))) is not None:
+            r.certified, r.certificate = hit
     threats = sorted({r.threat_model for r in rows},
                      key=lambda t: (THREAT_ORDER.index(t) if t in THREAT_ORDER else len(THREAT_ORDER), t))
     tables = {t: _rank([r for r in rows if r.threat_model == t]) for t in threats}
@@ -306,6 +328,8 @@ def links(row: Row, out_dir: str | os.PathLike) -> list[tuple[str, str, str]]:
             continue
         seen.add(e.card)
         out.append((e.label, _relative(e.card, out_dir), _relative(e.result, out_dir) if e.result else ""))
+    if row.certificate is not None:
+        out.append((f"{row.certificate.parent.name}/certify", _relative(row.certificate.resolve(), out_dir), ""))
     return out
 
 
