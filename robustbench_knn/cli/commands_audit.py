@@ -130,7 +130,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
                                cells=defense_cells(clf, data.sha256, args.cache_dir),
                                active_points=args.active_test, transfer_source=args.transfer_source, norm=norm)
     path = save_audit(res, args.out)
-    print(f"{res['dataset']}, model {res['model']}, {norm} ε = {eps_label(eps[0])}, {res['n']} test images: "
+    print(f"{res['dataset']}, model {res['model']}, {norm} ε = {eps_label(eps[0], norm)}, {res['n']} test images: "
           f"clean {res['clean_acc']:.1f}%")
     print(tabulate(attacks_frame(res), headers="keys", tablefmt="github", showindex=False))
     print(tabulate(res["attribution"], headers="keys", tablefmt="github"))

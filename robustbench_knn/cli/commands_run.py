@@ -96,8 +96,9 @@ def _run_evaluate(args: argparse.Namespace, specs: list[Any], eps: list[float],
     from ..evaluation.api import suite_note
     from ..evaluation.cards import eps_label
 
+    norm = result.get("threat_model", "Linf")
     for r in result["per_eps"]:
-        print(f"{args.norm} ε = {eps_label(r['eps'])}: " + ("UNRELIABLE — " if r.get("unreliable") else "")
+        print(f"{norm} ε = {eps_label(r['eps'], norm)}: " + ("UNRELIABLE — " if r.get("unreliable") else "")
               + r["footnote"])
     note = suite_note(result["per_eps"][0].get("families", {}), result.get("surrogate", "logits") != "logits")
     if note:
