@@ -176,3 +176,21 @@ def test_l2_radii_are_labelled_as_numbers_not_steps_of_1_255(tmp_path):
     (tmp_path / "c" / "evaluate-m-0123456789ab-potential-L2.model-card.json").write_text(json.dumps(card))
     board = build_leaderboard([tmp_path / "c"])
     assert [r.eps for r in board.rows] == ["1"]
+
+
+def test_benchmark_in_l2_writes_l2_files_beside_the_linf_ones(tiny_data, tiny_data_dir, tmp_path):
+    # planted: benchmark() ignoring threat_model (its examples reach beyond the ℓ2 ball: ℓ∞ 0.5 is ℓ2 ≈ 27), or both
+    # results saved under one name (the ℓ∞ files overwritten)
+    from robustbench_knn.evaluation.api import benchmark
+
+    defense = KNNDefense(torch.nn.Flatten(), tiny_data.train.y, bank_images=tiny_data.train.x, k=1)
+    kw = {"n_examples": 20, "attacks": "feature", "data_dir": str(tiny_data_dir), "device": "cpu", "out": tmp_path,
+          "name": "px", "progress": False}
+    l2 = benchmark(defense, eps=0.5, threat_model="L2", **kw)
+    linf = benchmark(defense, eps=8 / 255, **kw)
+    card = json.loads((tmp_path / "px-L2.model-card.json").read_text())
+    assert card["threat_model"] == "L2" and card["eps"] == "0.5"
+    assert json.loads((tmp_path / "px.model-card.json").read_text())["threat_model"] == "Linf"
+    assert l2.raw["threat_model"] == "L2" and linf.raw["threat_model"] == "Linf"
+    with pytest.raises(UsageError):
+        benchmark(defense, eps=0.5, threat_model="L1", **kw)

@@ -81,14 +81,17 @@ class BenchmarkResult:
                        self.raw.get("threat_model", "Linf"))
 
     def save(self, out_dir: str | os.PathLike) -> Path:
-        """``<name>.json`` (everything), ``<name>.csv`` (per sample) and ``<name>.model-card.json``."""
+        """``<name>.json`` (everything), ``<name>.csv`` (per sample) and ``<name>.model-card.json``; ``<name>-L2.*``
+        for the ℓ2 threat model, so both results of one defense can share a folder (as the CLI's files do)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / f"{self.name}.json", {"clean_acc": self.clean_acc, "robust_acc": self.robust_acc,
-                                               "per_attack": self.per_attack, **self.raw})
-        self.per_sample().to_csv(out / f"{self.name}.csv", index=False)
-        write_json(out / f"{self.name}.model-card.json", self.model_card())
-        return out / f"{self.name}.json"
+        norm = self.raw.get("threat_model", "Linf")
+        stem = self.name if norm == "Linf" else f"{self.name}-{norm}"
+        write_json(out / f"{stem}.json", {"clean_acc": self.clean_acc, "robust_acc": self.robust_acc,
+                                          "per_attack": self.per_attack, **self.raw})
+        self.per_sample().to_csv(out / f"{stem}.csv", index=False)
+        write_json(out / f"{stem}.model-card.json", self.model_card())
+        return out / f"{stem}.json"
 
 
 def require_knn(specs: Sequence[AttackSpec], clf: BaseClassifier) -> None:
