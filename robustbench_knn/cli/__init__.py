@@ -12,7 +12,7 @@ from typing import Sequence
 
 from ..config import UsageError
 from .commands_audit import cmd_active_test, cmd_audit, cmd_certify, cmd_gate
-from .commands_report import cmd_attacks, cmd_bench, cmd_leaderboard, cmd_search, cmd_table, cmd_toolkits
+from .commands_report import cmd_attacks, cmd_bench, cmd_leaderboard, cmd_sandwich, cmd_search, cmd_table, cmd_toolkits
 from .commands_run import cmd_evaluate, cmd_export, cmd_merge, cmd_train
 from .parser import TEST_SET_SIZE, _model_config, build_parser, check_writable_file, parse_eps
 
@@ -23,7 +23,8 @@ __all__ = ["COMMANDS", "DISTRIBUTED", "TEST_SET_SIZE", "build_parser", "check_wr
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "attacks": cmd_attacks, "toolkits": cmd_toolkits,
             "search": cmd_search, "export": cmd_export, "merge": cmd_merge,
             "bench": cmd_bench, "table": cmd_table, "gate": cmd_gate, "audit": cmd_audit,
-            "leaderboard": cmd_leaderboard, "active-test": cmd_active_test, "certify": cmd_certify}
+            "leaderboard": cmd_leaderboard, "active-test": cmd_active_test, "certify": cmd_certify,
+            "sandwich": cmd_sandwich}
 
 
 DISTRIBUTED = ("evaluate", "audit", "toolkits")  # the commands torchrun can split

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -159,27 +160,51 @@ def _built_model(args: argparse.Namespace, data: Any, dev: Any, surrogate: str =
     return clf, name
 
 
-def cmd_certify(args: argparse.Namespace) -> None:
+def cmd_certify(args: argparse.Namespace) -> int:
     from ..data import load_cifar10
     from ..devices import machine_name, resolve_device
     from ..evaluation.certify import certify, save_certificate, summary
     from ..evaluation.evaluate import versions
+    from ..reports import sandwich as sw
+    from ..store import state_digest
 
     norm, eps = _threat(args)
     if not 1 <= args.n_test <= TEST_SET_SIZE:
         raise UsageError(f"--n-test must be between 1 and {TEST_SET_SIZE}")
     if args.steps < 0 or args.batch_size < 1:
         raise UsageError("--steps must be >= 0 and --batch-size >= 1")
+    against = [sw.load_attack_result(p) for p in args.against or []]  # unreadable, other norm or ε: before any work
+    for src in against:
+        sw.check_compatible(src, norm=norm, what="this certificate")
+    if against:
+        sw.check_common_eps(eps, against)
     check_writable_file(str(Path(args.out) / "certify.json"))  # before any training
     dev = resolve_device(args.device)
     data = load_cifar10(args.data_dir)
     clf, name = _built_model(args, data, dev)
+    for src in against:  # other weights or data: refused before certifying
+        sw.check_compatible(src, norm=norm, model=name, weights_hash=state_digest(clf), dataset_sha256=data.sha256,
+                            what="this certificate")
     cert = certify(clf, data.test.floats()[:args.n_test], data.test.y[:args.n_test], eps, norm, steps=args.steps,
                    batch_size=args.batch_size)
     path = save_certificate(cert, args.out, model=name, defense=clf, info={
         "dataset_sha256": data.sha256, "device": str(dev), "machine": machine_name(dev), "versions": versions()})
     print(summary(cert))
     print(f"results: {path}")
+    return report_sandwich(sw.build_sandwich(sw.load_certificate(path), against), args.out) if against else 0
+
+
+def report_sandwich(s: dict[str, Any], out: str | Path) -> int:
+    """Write the sandwich files, print its table; 1 when it holds a soundness violation."""
+    from ..reports.sandwich import render_markdown, save_sandwich
+
+    paths = save_sandwich(s, out)
+    print(render_markdown(s))
+    print(f"sandwich: {', '.join(map(str, paths))}")
+    if s["violations"]:
+        print(f"robustbench-knn: SOUNDNESS VIOLATION: {len(s['violations'])} (see {paths[0]})", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_active_test(args: argparse.Namespace) -> None:

@@ -1,4 +1,4 @@
-"""The commands that tabulate, list and time: toolkits, attacks, search, table, bench, leaderboard."""
+"""The commands that tabulate, list and time: toolkits, attacks, search, table, bench, leaderboard, sandwich."""
 
 from __future__ import annotations
 
@@ -135,3 +135,13 @@ def cmd_leaderboard(args: argparse.Namespace) -> None:
         print(f"robustbench-knn: warning: skipped {path}: {why}", file=sys.stderr)
     print(paths[0].read_text())
     print(f"{len(board.rows)} rows; written: {', '.join(map(str, paths))}")
+
+
+def cmd_sandwich(args: argparse.Namespace) -> int:
+    from ..reports.sandwich import sandwich
+    from .commands_audit import report_sandwich
+
+    s = sandwich(args.certificate, args.results)  # unreadable, other threat model, weights or ε: refused here
+    out = Path(args.out) if args.out is not None else Path(args.certificate).parent
+    check_writable_file(str(out / "sandwich.json"))
+    return report_sandwich(s, out)

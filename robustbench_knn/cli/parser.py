@@ -267,4 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="bisection steps for each image's certified radius")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--out", default="results", help="folder for certify-<model>-<hash>-<norm>.{json,csv}")
+    p.add_argument("--against", action="append", metavar="FILE",
+                   help="an audit or evaluate JSON of the same weights and threat model (repeatable): also write "
+                        "the sandwich (certified ≤ robust ≤ worst case) beside the certificate; exit 1 on a "
+                        "soundness violation")
+
+    p = sub.add_parser("sandwich", help="certified lower bound and attacks' upper bound per ε, from a certify JSON "
+                                        "and audit / evaluate JSONs of the same weights; flags soundness violations")
+    p.add_argument("certificate", metavar="CERT.json", help="a certify-<model>-<hash>-<norm>.json")
+    p.add_argument("results", nargs="+", metavar="RESULT.json", help="audit-*.json and/or evaluate-*.json")
+    p.add_argument("--out", help="folder for sandwich-<model>-<hash>-<norm>.{md,csv,json,png} (default: the "
+                                 "certificate's folder)")
     return parser

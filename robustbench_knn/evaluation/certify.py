@@ -132,13 +132,14 @@ def certify(defense: KNNDefense, x: torch.Tensor, y: torch.Tensor, eps: float | 
 
 def save_certificate(cert: Certificate, out: str | Path, *, model: str, defense: KNNDefense,
                      info: dict[str, Any]) -> Path:
-    """``certify-<model>-<hash>-<norm>.json`` (settings, per-ε certified accuracy, per-point radii) and a CSV of
-    the per-ε figures beside it."""
+    """``certify-<model>-<hash>-<norm>.json`` (settings; per ε the certified accuracy and which of the first ``n``
+    test images are certified; per-point radii) and a CSV of the per-ε figures beside it."""
     n = cert.certified.shape[1]
     digest = state_digest(defense)
     res = {"model": model, "weights_hash": digest, "k": defense.k, "metric": defense.metric, "n": n,
            "norm": cert.norm, "eps": cert.eps, "method": cert.method, **cert.extra, **info,
-           "per_eps": [{"eps": e, "certified_acc": a} for e, a in zip(cert.eps, cert.accuracy())],
+           "per_eps": [{"eps": e, "certified_acc": a, "certified": c.int().tolist()}
+                       for e, a, c in zip(cert.eps, cert.accuracy(), cert.certified)],
            "seconds": round(cert.seconds, 3), "seconds_per_image": round(cert.seconds / max(n, 1), 5),
            "radius": [round(r, 6) for r in cert.radius.tolist()]}
     path = Path(out) / f"certify-{model}-{digest}-{cert.norm}.json"

@@ -2,6 +2,7 @@
 
 - robust accuracy vs ε per attack (the audit's sweep: accuracy must fall to ~0 at large ε);
 - robust accuracy vs steps (an attack still falling at 2× steps has not converged);
+- the sandwich: certified accuracy below, the attacks' worst case above, the band between them shaded;
 - the paper's Figure 3 (§3.6): the 3-D embedding sub-spaces of an N_S = 4, d = 3 model trained without
   noise, train and test points coloured by class, showing the clustering of the exponential contrastive loss.
 """
@@ -31,19 +32,48 @@ def _save(fig: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+def _eps_axis(norm: str) -> tuple[float, str]:
+    """ε's scale and axis label: ℓ∞ in /255, ℓ2 in pixel units."""
+    return (255, "ε (×1/255, ℓ∞)") if norm == "Linf" else (1, "ε (ℓ2, pixel units in [0, 1])")
+
+
 def plot_eps_curves(curves: dict[str, list[tuple[float, float]]], path: str | os.PathLike, *, title: str = "",
                     norm: str = "Linf") -> Path:
     """Robust accuracy (%) vs ε per attack (ℓ∞: in /255; ℓ2: in pixel units); ``curves`` maps a label to
     [(ε, accuracy), ...]."""
-    scale = 255 if norm == "Linf" else 1
+    scale, xlabel = _eps_axis(norm)
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, pts in curves.items():
         if pts:
             e, a = zip(*sorted(pts))
             style = {"color": "black", "linestyle": "--", "linewidth": 2} if label == "worst case" else {}
             ax.plot([v * scale for v in e], a, marker="o", label=label, **style)
-    ax.set(xlabel="ε (×1/255, ℓ∞)" if norm == "Linf" else "ε (ℓ2, pixel units in [0, 1])",
-           ylabel="robust accuracy (%)", ylim=(-2, 102), title=title)
+    ax.set(xlabel=xlabel, ylabel="robust accuracy (%)", ylim=(-2, 102), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_sandwich(rows: list[dict[str, Any]], path: str | os.PathLike, *, norm: str = "Linf", title: str = "",
+                  violations: list[float] | tuple[float, ...] = ()) -> Path:
+    """Certified accuracy (lower curve) and the attacks' worst case (upper curve) vs ε, the band between them (where
+    the true robust accuracy lies) shaded; ``rows`` hold eps, certified_acc, worst_case_acc; ε in
+    ``violations`` (a certified figure above the worst case or a certified point broken) marked in red."""
+    scale, xlabel = _eps_axis(norm)
+    rows = sorted(rows, key=lambda r: r["eps"])
+    e = [r["eps"] * scale for r in rows]
+    lo, hi = [r["certified_acc"] for r in rows], [r["worst_case_acc"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.fill_between(e, lo, hi, color="tab:blue", alpha=0.2, label="robust accuracy lies here")
+    ax.vlines(e, [min(a, b) for a, b in zip(lo, hi)], [max(a, b) for a, b in zip(lo, hi)], color="tab:blue",
+              alpha=0.4)
+    ax.plot(e, hi, marker="o", color="black", linestyle="--", linewidth=2, label="worst case of the attacks (upper)")
+    ax.plot(e, lo, marker="s", color="tab:green", linewidth=2, label="certified (lower)")
+    bad = [i for i, r in enumerate(rows) if r["eps"] in set(violations)]
+    if bad:
+        ax.scatter([e[i] for i in bad], [lo[i] for i in bad], marker="x", s=120, color="red", zorder=5,
+                   label="SOUNDNESS VIOLATION")
+    ax.set(xlabel=xlabel, ylabel="accuracy (%)", ylim=(-2, 102), title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
