@@ -192,8 +192,27 @@ def test_both_decision_paths_give_the_same_bits(monkeypatch):
     bank = torch.randn(2000, 8, generator=g) * 3
     labels = torch.randint(0, 4, (2000,), generator=g)
     emb = torch.randn(64, 8, generator=g) * 3
-    monkeypatch.setattr(knn, "REL_TOL", -1.0)  # never wide: every row from the candidates
+    def bound(value):
+        return lambda e, b, s: torch.full((len(e),), value, dtype=torch.float64)
+
+    monkeypatch.setattr(knn, "float32_error_bound", bound(-1e9))  # never wide: every row from the candidates
     v1, d1 = knn_votes(emb, bank, labels, k=50, n_spaces=2, n_classes=4)
-    monkeypatch.setattr(knn, "REL_TOL", 1e9)  # always wide: every row over every column
+    monkeypatch.setattr(knn, "float32_error_bound", bound(1e9))  # always wide: every row over every column
     v2, d2 = knn_votes(emb, bank, labels, k=50, n_spaces=2, n_classes=4)
     assert torch.equal(v1, v2) and torch.equal(d1, d2)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 40])
+def test_float32_error_bound_holds_far_from_the_origin(batch):
+    # the candidates' safety test rests on this bound. Planted bug caught: a relative tolerance in place of the
+    # bound (1e-3 of the distance), which on some CPUs' matrix-vector kernels let batch-1 rows of near_tie_data
+    # skip the exact path and take a wrong neighbour set (the decisions differed from brute force in 4 of 40)
+    from robustbench_knn.defenses.knn import exact_distances, float32_error_bound
+    from robustbench_knn.distances import pairwise_distance
+
+    emb, bank, _ = near_tie_data()
+    emb = emb[:batch]
+    err = (pairwise_distance(emb, bank, 2).double() - exact_distances(emb, bank[None].expand(batch, -1, -1), 2)).abs()
+    bound = float32_error_bound(emb, bank, 2)
+    assert (err.amax(1) <= bound).all()
+    assert (err.amax(1) > 1e-3 * exact_distances(emb, bank[None].expand(batch, -1, -1), 2).amax(1)).any()

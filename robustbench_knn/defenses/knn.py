@@ -11,7 +11,9 @@ distance path) round differently for different batch shapes, so they only *propo
 nearest by float32. The final neighbours, their order and the distance sums come from float64 distances
 computed row by row from the differences (no matrix product), the same numbers in any batch. A row whose
 float32 k-th and last candidate distances are too close to rule out a rounding swap goes through the exact
-rule over every column in float64.
+rule over every column in float64. Too close means: a training point beyond the candidates could, within a
+bound on the float32 error (which grows with the embeddings' norms: far from the origin |a|² + |b|² − 2ab
+cancels most of its digits), be nearer than the k-th candidate's exact distance. Such a row is decided exactly.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from ..distances import pairwise_distance
 
 DEFAULT_CHUNK = 256
-REL_TOL = 1e-3  # float32 distances (|a|²+|b|²−2ab) are trusted to this relative error when proposing candidates
+UNIT_ROUNDOFF_F32 = 2.0 ** -24
 FIXED_POINT = 2.0 ** 20  # distance sums for the vote's tie rule are added as integers in these units
 ROWS_F64 = 16  # rows per float64 block: (rows × candidates × width) doubles stay small for wide embeddings
 
@@ -36,6 +38,23 @@ def exact_distances(emb: torch.Tensor, points: torch.Tensor, n_spaces: int) -> t
     d = w // n_spaces
     diff = points.double() - emb.double()[:, None, :]
     return diff.reshape(n, c, n_spaces, d).pow(2).sum(-1).sqrt().sum(-1)
+
+
+def float32_error_bound(emb: torch.Tensor, bank: torch.Tensor, n_spaces: int) -> torch.Tensor:
+    """(n,) an upper bound on |float32 distance − exact distance| for each row of ``emb`` against any bank point.
+
+    Per sub-space of width d, a float32 dot product errs by at most γ|a||b| with γ = d·u/(1 − d·u) (u = 2⁻²⁴),
+    each squared norm by γ|a|², and the two additions by u each, so ‖a‖² + ‖b‖² − 2a·b errs by at most
+    δ = (2γ + 2u)(‖a‖² + ‖b‖²); clamping at 0 and the square root turn that into at most √δ on the distance
+    (|√x̃ − √x| ≤ √|x̃ − x|). The float32 square roots and the sum over sub-spaces add relative rounding,
+    covered by a factor 2 on u and a relative term in the caller."""
+    w = emb.shape[1]
+    d = w // n_spaces
+    u = 2 * UNIT_ROUNDOFF_F32
+    gamma = d * u / (1 - d * u)
+    a2 = emb.double().reshape(len(emb), n_spaces, d).pow(2).sum(-1)  # (n, S)
+    b2 = bank.double().reshape(len(bank), n_spaces, d).pow(2).sum(-1).amax(0)  # (S,) the farthest bank point
+    return ((2 * gamma + 2 * u) * (a2 + b2)).sqrt().sum(1)
 
 
 def _exact_order(emb: torch.Tensor, bank: torch.Tensor, n: int, n_spaces: int, col_chunk: int = 4096
@@ -71,9 +90,14 @@ def _refine(emb: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, dist: t
         order = torch.sort(d64, dim=1, stable=True).indices[:, :k_max]
         order_idx[s:s + ROWS_F64], order_d[s:s + ROWS_F64] = cand.gather(1, order), d64.gather(1, order)
     if c < n:  # near ties at the candidates' edge: float32 rounding could hide a true neighbour beyond them
+        # a point j outside the candidates has float32 distance ≥ vals[c−1], so exact distance ≥ vals[c−1] − Δ;
+        # the k-th candidate's exact distance bounds the true k-th from above (k real points lie within it):
+        # when the first lies strictly above the second, j is neither nearer nor tied, so it is not a neighbour
+        floor = (vals[:, c - 1].double() * (1 - 4 * UNIT_ROUNDOFF_F32)
+                 - float32_error_bound(emb, bank, n_spaces).to(vals.device))
         wide = torch.zeros(rows, dtype=torch.bool, device=dist.device)
         for k in ks:
-            wide |= vals[:, c - 1] - vals[:, k - 1] <= REL_TOL * vals[:, k - 1] + 1e-6
+            wide |= floor <= order_d[:, k - 1]
         if wide.any():
             rows_w = wide.nonzero().squeeze(1)
             order_idx[rows_w], order_d[rows_w] = _exact_order(emb[rows_w], bank, k_max, n_spaces)
