@@ -197,7 +197,7 @@ def test_both_decision_paths_give_the_same_bits(monkeypatch):
 
     monkeypatch.setattr(knn, "float32_error_bound", bound(-1e9))  # never wide: every row from the candidates
     v1, d1 = knn_votes(emb, bank, labels, k=50, n_spaces=2, n_classes=4)
-    monkeypatch.setattr(knn, "float32_error_bound", bound(1e9))  # always wide: every row over every column
+    monkeypatch.setattr(knn, "float32_error_bound", bound(1e9))  # always wide: every row through the float64 path
     v2, d2 = knn_votes(emb, bank, labels, k=50, n_spaces=2, n_classes=4)
     assert torch.equal(v1, v2) and torch.equal(d1, d2)
 

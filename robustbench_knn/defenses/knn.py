@@ -9,11 +9,11 @@ Deterministic tie rules:
 One judge: a point's decision does not depend on the batch it is in. Float32 matrix products (the fast
 distance path) round differently for different batch shapes, so they only *propose* candidates: the k+slack
 nearest by float32. The final neighbours, their order and the distance sums come from float64 distances
-computed row by row from the differences (no matrix product), the same numbers in any batch. A row whose
-float32 k-th and last candidate distances are too close to rule out a rounding swap goes through the exact
-rule over every column in float64. Too close means: a training point beyond the candidates could, within a
-bound on the float32 error (which grows with the embeddings' norms: far from the origin |a|² + |b|² − 2ab
-cancels most of its digits), be nearer than the k-th candidate's exact distance. Such a row is decided exactly.
+computed row by row from the differences (no matrix product), the same numbers in any batch. When a
+training point beyond the candidates could, within a sound bound Δ on the float32 error (which grows with the
+embeddings' norms: far from the origin |a|² + |b|² − 2ab cancels most of its digits), be nearer than the k-th
+candidate's exact distance, the row is decided in float64 over every column whose float32 distance lies within
+that distance + Δ: a superset of its true neighbours.
 """
 
 from __future__ import annotations
@@ -40,6 +40,19 @@ def exact_distances(emb: torch.Tensor, points: torch.Tensor, n_spaces: int) -> t
     return diff.reshape(n, c, n_spaces, d).pow(2).sum(-1).sqrt().sum(-1)
 
 
+_BANK_NORMS: dict[tuple, torch.Tensor] = {}  # the last bank's (S,) largest squared norms: a bank is voted on often
+
+
+def _farthest_bank_norms(bank: torch.Tensor, n_spaces: int) -> torch.Tensor:
+    key = (bank.data_ptr(), tuple(bank.shape), bank._version, n_spaces, str(bank.device))
+    if key not in _BANK_NORMS:
+        # in float64 without a float64 copy of the bank
+        norms = torch.linalg.vector_norm(bank.reshape(len(bank), n_spaces, -1), dim=-1, dtype=torch.float64)
+        _BANK_NORMS.clear()
+        _BANK_NORMS[key] = norms.amax(0) ** 2
+    return _BANK_NORMS[key]
+
+
 def float32_error_bound(emb: torch.Tensor, bank: torch.Tensor, n_spaces: int) -> torch.Tensor:
     """(n,) an upper bound on |float32 distance − exact distance| for each row of ``emb`` against any bank point.
 
@@ -53,22 +66,8 @@ def float32_error_bound(emb: torch.Tensor, bank: torch.Tensor, n_spaces: int) ->
     u = 2 * UNIT_ROUNDOFF_F32
     gamma = d * u / (1 - d * u)
     a2 = emb.double().reshape(len(emb), n_spaces, d).pow(2).sum(-1)  # (n, S)
-    b2 = bank.double().reshape(len(bank), n_spaces, d).pow(2).sum(-1).amax(0)  # (S,) the farthest bank point
+    b2 = _farthest_bank_norms(bank, n_spaces)
     return ((2 * gamma + 2 * u) * (a2 + b2)).sqrt().sum(1)
-
-
-def _exact_order(emb: torch.Tensor, bank: torch.Tensor, n: int, n_spaces: int, col_chunk: int = 4096
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``n`` nearest training points of each row by float64 distance over every column, in (distance,
-    training index) order, one row at a time (for rows with near ties at the candidates' edge only)."""
-    idx = torch.empty(len(emb), n, dtype=torch.long, device=emb.device)
-    dist = torch.empty(len(emb), n, dtype=torch.float64, device=emb.device)
-    for r in range(len(emb)):
-        row = torch.cat([exact_distances(emb[r:r + 1], bank[None, s:s + col_chunk], n_spaces)
-                         for s in range(0, len(bank), col_chunk)], 1)[0]
-        order = torch.sort(row, stable=True).indices[:n]  # columns are in index order: ties keep the lower index
-        idx[r], dist[r] = order, row[order]
-    return idx, dist
 
 
 def _refine(emb: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, dist: torch.Tensor, ks: Sequence[int],
@@ -93,14 +92,19 @@ def _refine(emb: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, dist: t
         # a point j outside the candidates has float32 distance ≥ vals[c−1], so exact distance ≥ vals[c−1] − Δ;
         # the k-th candidate's exact distance bounds the true k-th from above (k real points lie within it):
         # when the first lies strictly above the second, j is neither nearer nor tied, so it is not a neighbour
-        floor = (vals[:, c - 1].double() * (1 - 4 * UNIT_ROUNDOFF_F32)
-                 - float32_error_bound(emb, bank, n_spaces).to(vals.device))
+        bound = float32_error_bound(emb, bank, n_spaces).to(vals.device)
+        floor = vals[:, c - 1].double() * (1 - 4 * UNIT_ROUNDOFF_F32) - bound
         wide = torch.zeros(rows, dtype=torch.bool, device=dist.device)
         for k in ks:
             wide |= floor <= order_d[:, k - 1]
-        if wide.any():
-            rows_w = wide.nonzero().squeeze(1)
-            order_idx[rows_w], order_d[rows_w] = _exact_order(emb[rows_w], bank, k_max, n_spaces)
+        # such a row: every true neighbour has float32 distance ≤ (k-th candidate's exact distance) + Δ, so the
+        # exact order over just those columns (in index order, sorted stably) is the exact rule's
+        reach = (order_d[:, k_max - 1] + bound) * (1 + 4 * UNIT_ROUNDOFF_F32)
+        for r in wide.nonzero().squeeze(1).tolist():
+            cols = (dist[r].double() <= reach[r]).nonzero().squeeze(1)
+            d64 = exact_distances(emb[r:r + 1], bank[cols][None], n_spaces)[0]
+            order = torch.sort(d64, stable=True).indices[:k_max]
+            order_idx[r], order_d[r] = cols[order], d64[order]
     fixed = torch.round(order_d * FIXED_POINT).long()
     out = {}
     for k in ks:
