@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,27 @@ def masked_clf(tiny_clf):
     from robustbench_knn.paper.classifier import KNNClassifier
 
     return KNNClassifier(Scaled(tiny_clf.net), tiny_clf.bank * 1e4, tiny_clf.bank_labels, tiny_clf.cfg)
+
+
+# a user's defense module (the `--model package.module:function` form): make() a k-NN defense, plain() a logit
+# classifier, not_a_model() neither; USER_DATA names the tiny data folder
+USER_MODULE = textwrap.dedent('''
+    import os
+    import torch
+    from torch import nn
+    from robustbench_knn import KNNDefense
+    from robustbench_knn.data import load_cifar10
+
+    def make():
+        torch.manual_seed(0)
+        emb = nn.Sequential(nn.Flatten(), nn.Linear(3072, 8))
+        train = load_cifar10(os.environ["USER_DATA"], download=False).train
+        return KNNDefense(emb, train.y, bank_images=train.x, k=5)
+
+    def plain():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(3072, 10))
+
+    def not_a_model():
+        return 42
+''')

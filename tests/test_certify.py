@@ -2,7 +2,6 @@
 planted unsound shortcut is caught by the same check), not vacuous, and the CLI's bad input is exit 2."""
 
 import json
-import textwrap
 from itertools import combinations
 
 import pytest
@@ -19,6 +18,8 @@ from robustbench_knn.evaluation.bounds import embedding_bounds, input_box
 from robustbench_knn.evaluation.certify import certify
 from robustbench_knn.evaluation.evaluate import TOL
 from robustbench_knn.paper.model import IdResNet
+
+from .conftest import USER_MODULE
 
 EPS = (0.02, 0.05, 0.1)
 
@@ -221,24 +222,6 @@ def test_cosine_bounds_hold_and_unknown_layers_are_refused():
         certify(conv, x, conv.predict(x), 0.01)
     with pytest.raises(UsageError, match="KNNDefense"):
         certify(nn.Linear(2, 2), x, torch.zeros(8, dtype=torch.long), 0.01)
-
-
-USER_MODULE = textwrap.dedent('''
-    import os
-    import torch
-    from torch import nn
-    from robustbench_knn import KNNDefense
-    from robustbench_knn.data import load_cifar10
-
-    def make():
-        torch.manual_seed(0)
-        emb = nn.Sequential(nn.Flatten(), nn.Linear(3072, 8))
-        train = load_cifar10(os.environ["USER_DATA"], download=False).train
-        return KNNDefense(emb, train.y, bank_images=train.x, k=5)
-
-    def plain():
-        return nn.Sequential(nn.Flatten(), nn.Linear(3072, 10))
-''')
 
 
 @pytest.fixture

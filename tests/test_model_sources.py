@@ -1,7 +1,6 @@
 """--model MODULE:FUNCTION and FILE.safetensors (export round trip); every bad form is exit 2, one line, no files."""
 
 import json
-import textwrap
 
 import pytest
 import torch
@@ -12,28 +11,7 @@ from robustbench_knn.paper.classifier import build_classifier
 from robustbench_knn.paper.train import train_model
 from robustbench_knn.reports.tables import row_config
 
-from .conftest import REPO, TINY_SETS
-
-USER_MODULE = textwrap.dedent('''
-    import os
-    import torch
-    from torch import nn
-    from robustbench_knn import KNNDefense
-    from robustbench_knn.data import load_cifar10
-
-    def make():
-        torch.manual_seed(0)
-        emb = nn.Sequential(nn.Flatten(), nn.Linear(3072, 8))
-        train = load_cifar10(os.environ["USER_DATA"], download=False).train
-        return KNNDefense(emb, train.y, bank_images=train.x, k=5)
-
-    def plain():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Flatten(), nn.Linear(3072, 10))
-
-    def not_a_model():
-        return 42
-''')
+from .conftest import REPO, TINY_SETS, USER_MODULE
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ refusals of other threat models and weights, and soundness violations that must 
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
 
@@ -12,6 +11,8 @@ from robustbench_knn.cli import main
 from robustbench_knn.config import UsageError
 from robustbench_knn.reports import plots
 from robustbench_knn.reports.sandwich import sandwich, save_sandwich
+
+from .conftest import USER_MODULE
 
 E2, E8, E16 = 2 / 255, 8 / 255, 16 / 255
 HASH, DATA = "abc123abc123", "d" * 64
@@ -183,21 +184,6 @@ def test_cli_missing_file_exits_2(files, tmp_path, capsys):
     f = files(cert=certificate())
     assert main(["sandwich", str(f["cert"]), str(tmp_path / "nope.json"), "--out", str(tmp_path / "out")]) == 2
     assert "no such file" in capsys.readouterr().err and not (tmp_path / "out").exists()
-
-
-USER_MODULE = textwrap.dedent('''
-    import os
-    import torch
-    from torch import nn
-    from robustbench_knn import KNNDefense
-    from robustbench_knn.data import load_cifar10
-
-    def make():
-        torch.manual_seed(0)
-        emb = nn.Sequential(nn.Flatten(), nn.Linear(3072, 8))
-        train = load_cifar10(os.environ["USER_DATA"], download=False).train
-        return KNNDefense(emb, train.y, bank_images=train.x, k=5)
-''')
 
 
 def test_cli_certify_against_writes_the_sandwich_and_refuses_before_work(tmp_path, monkeypatch, tiny_data_dir,
