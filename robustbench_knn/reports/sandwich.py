@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 from ..config import UsageError
 from ..evaluation.cards import eps_label
+from ..evaluation.experiment import DATASET_NAME
 from ..store import read_json, write_json, write_text
 from .plots import plot_sandwich
 
@@ -273,7 +274,7 @@ def save_sandwich(s: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
     write_text(paths[1], render_csv(s))
     write_json(paths[2], s)
     plot_sandwich(s["rows"], paths[3], norm=s["norm"], violations=[v["eps"] for v in s["violations"]],
-                  title=f"{s['model']}: certified ≤ robust accuracy ≤ worst case")
+                  title=f"{s['model']} ({s['weights_hash']}), {DATASET_NAME}: certified ≤ robust ≤ worst case")
     return paths
 
 
