@@ -95,9 +95,10 @@ def evaluate_classifier(clf: torch.nn.Module, data: Any, specs: list[AttackSpec]
                            norm=norm)
     annotate_reliability(attacked, clf, sub.floats()[:batch_size].to(clf.device), cell_dir)
     part = current()
+    digest = weights_hash(clf)  # hashes the weights and the whole bank: once
     return {
         # a config's hash names the recipe; training on another machine gives other weights under the same recipe
-        "model": name, "config_hash": weights_hash(clf), "weights_hash": weights_hash(clf), "backbone": getattr(clf, "backbone", None),
+        "model": name, "config_hash": digest, "weights_hash": digest, "backbone": getattr(clf, "backbone", None),
         "dataset": dataset_name, "dataset_sha256": data.sha256,
         "n_clean": n_clean, "clean_acc_full": round(clean_acc, 2), "n_test": n_test, "seed": seed,
         "batch_size": batch_size, "surrogate": getattr(clf, "surrogate_name", "logits"),
