@@ -91,6 +91,33 @@ def test_save_audit_writes_json_csv_and_plots(tiny_clf, tiny_data, tmp_path):
     assert float(card["worst_case_robust_acc"]) == res["upper_bound_acc"] and "Audit verdict" in card["footnote"]
 
 
+def test_audit_draws_certified_bounds_and_catches_a_certified_point_broken(tiny_clf, masked_clf, tiny_data,
+                                                                          monkeypatch):
+    """The sweep's certified lower curve sits under the worst case at every shared ε; a planted unsound certificate
+    (every point certified) contradicts the attacks' breaks and makes the verdict NOT TRUSTED."""
+    from robustbench_knn.evaluation import audit as audit_module
+    from robustbench_knn.evaluation.certify import CERTIFIED
+
+    x, y = _batch(tiny_data, 15)
+    small = {**SMALL, "adaptive": ("feature",), "standard": ("kfgsm",)}
+    res = run_audit(tiny_clf, x, y, 16 / 255, **small)
+    cert = res["certificate"]
+    assert cert["eps"] == pytest.approx([0, 2 / 255, 4 / 255, 8 / 255, 16 / 255, 64 / 255])
+    lower, upper = dict(res["eps_curves"][CERTIFIED]), dict(res["eps_curves"]["worst case"])
+    assert all(lower[e] <= upper[e] for e in upper) and lower[0.0] > 0
+    assert _checks(res)["certified points unbroken"] == "PASS" and res["verdict"]["trusted"]
+    assert "skipped" in run_audit(masked_clf, x, y, 16 / 255, **small)["certificate"]  # an unknown layer
+
+    def unsound(clf, x, y, eps, norm):
+        return {"eps": list(eps), "certified_acc": [100.0] * len(eps), "certified": [[1] * len(x)] * len(eps),
+                "method": "planted", "seconds": 0.0}
+
+    monkeypatch.setattr(audit_module, "certified_sweep", unsound)
+    res = run_audit(tiny_clf, x, y, 16 / 255, **small)
+    assert _checks(res)["certified points unbroken"] == "FAIL" and not res["verdict"]["trusted"]
+    assert audit_model_card({**res, "model": "tiny"})["certified_acc"] == "100.00"
+
+
 def test_audit_cli_quick_end_to_end(tiny_data_dir, cache_dir, tmp_path, capsys):
     common = ["--data-dir", str(tiny_data_dir), "--cache-dir", str(cache_dir), "--quiet",
               *[a for s in TINY_SETS for a in ("--set", s)]]

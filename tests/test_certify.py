@@ -12,7 +12,7 @@ from robustbench_knn import KNNDefense
 from robustbench_knn.cli import main
 from robustbench_knn.config import ModelConfig, UsageError
 from robustbench_knn.defenses.subjects import Penultimate
-from robustbench_knn.evaluation import bounds
+from robustbench_knn.evaluation import bisector, bounds
 from robustbench_knn.evaluation import certify as certify_module
 from robustbench_knn.evaluation.bounds import embedding_bounds, input_box
 from robustbench_knn.evaluation.certify import certify
@@ -110,6 +110,21 @@ def test_certified_accuracy_is_monotone_and_not_vacuous():
             assert (cert.radius[c] >= e - cert.extra["radius_max"] / 2 ** 8).all()
 
 
+@pytest.mark.parametrize("toy", [toy_identity, toy_mlp])
+def test_the_radius_ladder_gives_what_each_radius_alone_gives(toy):
+    """certify() tries the radii in increasing order, each only on the points certified at the one before; the
+    certified sets must be those of certifying every point at every radius on its own (ε given out of order)."""
+    defense, x = toy(3), points(40)
+    y = defense.predict(x)
+    eps = [0.05, 0.0, 0.2, 0.01, 0.02]
+    for norm in ("Linf", "L2"):
+        cert = certify(defense, x, y, eps, norm, steps=0, batch_size=16)
+        for e, c in zip(eps, cert.certified):
+            alone = certify_module.certified_at(defense, x, y, e, norm)
+            assert torch.equal(c, alone), (norm, e)
+        assert any(c.any() and not c.all() for c in cert.certified)  # a ladder with something to skip
+
+
 def distance_to_cell(x: torch.Tensor, bank: torch.Tensor, j: int) -> float:
     """Exact ℓ2 distance from ``x`` to the Voronoi cell of bank point j (2-D): the nearest point of a convex
     polygon is ``x`` itself, its projection on an edge's line or a vertex; every feasible candidate is tried."""
@@ -128,23 +143,30 @@ def distance_to_cell(x: torch.Tensor, bank: torch.Tensor, j: int) -> float:
 
 
 def test_one_nn_l2_radius_is_the_closed_form_and_below_the_exact_one():
-    """1-NN, ℓ2, balls inside the box: the intervals [d_j − ε, d_j + ε] certify exactly while the nearest point
-    (class y, distance d_y) beats every other-class point: ε < (d_other − d_y) / 2. The exact minimal perturbation
-    (distance to the nearest other-class Voronoi cell) is at least that by the triangle inequality."""
+    """1-NN, ℓ2, balls inside the box. The intervals [d_j − ε, d_j + ε] alone certify while the nearest point a
+    (class y, distance d_y) beats every other-class point: ε < (d_other − d_y) / 2. The bisectors certify while
+    no other-class b can be as near as a: ε < min_b (‖x − b‖² − ‖x − a‖²) / (2‖b − a‖), the distance from x to
+    their bisector, which is at least the interval form and at most the exact minimal perturbation (the distance
+    to the nearest other-class Voronoi cell, which lies beyond b's bisector with a)."""
     defense = toy_identity(1)
-    bank, labels = defense.bank, defense.bank_labels
+    bank, labels = defense.bank.double(), defense.bank_labels
     x = points(12, seed=3, low=0.3, high=0.7)
     y = defense.predict(x)
     steps, radius_max = 14, 0.25
     radius = certify(defense, x, y, 0.01, "L2", radius_max=radius_max, steps=steps).radius
+    gains = []
     for i in range(len(x)):
-        d = (bank - x[i]).double().norm(dim=1)
+        d = (bank - x[i].double()).norm(dim=1)
         other = labels != y[i]
-        closed = min(float((d[other].min() - d[~other].min()) / 2), radius_max)
-        exact = min(distance_to_cell(x[i], bank, j) for j in other.nonzero().flatten().tolist())
-        assert closed <= exact + 1e-9
-        assert closed - radius_max / 2 ** steps - 2 * TOL <= radius[i] <= closed
-        assert radius[i] <= exact + 1e-6
+        a = bank[torch.where(other, torch.inf, d).argmin()]
+        intervals = min(float((d[other].min() - d[~other].min()) / 2), radius_max)
+        bisector = min(float(((d[other] ** 2 - (x[i].double() - a).norm() ** 2)
+                              / (2 * (bank[other] - a).norm(dim=1))).min()), radius_max)
+        exact = min(distance_to_cell(x[i], defense.bank, j) for j in other.nonzero().flatten().tolist())
+        assert intervals <= bisector + 1e-9 and bisector <= exact + 1e-9
+        assert bisector - radius_max / 2 ** steps - 2 * TOL <= radius[i] <= bisector
+        gains.append(float(radius[i]) - intervals)
+    assert max(gains) > 1e-3  # the bisectors are what make the difference on some points
 
 
 def shrunk(real):
@@ -165,11 +187,20 @@ def half_radius(real):
     return linear
 
 
-@pytest.mark.parametrize("plant", ["shrunk-intervals", "ibp-half-radius"])
+def at_centre(a, b, box, row):
+    """An unsound shortcut in the bisectors: each pair compared at the centre of the set only."""
+    mid = (box.lo[row] + box.hi[row]) / 2
+    return ((mid - b) ** 2).sum(1) <= ((mid - a) ** 2).sum()
+
+
+@pytest.mark.parametrize("plant", ["shrunk-intervals", "ibp-half-radius", "bisector-at-centre"])
 def test_a_planted_unsound_shortcut_is_caught(monkeypatch, plant):
     if plant == "shrunk-intervals":
         monkeypatch.setattr(certify_module, "distance_intervals", shrunk(certify_module.distance_intervals))
         defense = toy_identity(1)
+    elif plant == "bisector-at-centre":
+        monkeypatch.setattr(bisector, "_beats", at_centre)
+        defense = toy_identity(3)
     else:
         monkeypatch.setattr(bounds, "_linear", half_radius(bounds._linear))
         defense = toy_mlp(1)

@@ -115,7 +115,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         res = audit(_model_config(args), eps[0], n_test=args.n_test, quick=args.quick, data_dir=args.data_dir,
                     cache_dir=args.cache_dir, device=args.device, seed=args.seed or 0, surrogate=args.surrogate,
                     batch_size=args.batch_size, progress=not args.quiet, active_points=args.active_test,
-                    norm=norm)
+                    norm=norm, certify=not args.no_certify)
     else:
         from ..data import load_cifar10
         from ..defenses.loading import resolve_model
@@ -129,7 +129,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
                                quick=args.quick, cache_dir=args.cache_dir, seed=args.seed or 0,
                                batch_size=args.batch_size, progress=not args.quiet,
                                cells=defense_cells(clf, data.sha256, args.cache_dir),
-                               active_points=args.active_test, transfer_source=args.transfer_source, norm=norm)
+                               active_points=args.active_test, transfer_source=args.transfer_source, norm=norm,
+                               certify=not args.no_certify)
     path = save_audit(res, args.out)
     print(f"{res['dataset']}, model {res['model']}, {norm} ε = {eps_label(eps[0], norm)}, {res['n']} test images: "
           f"clean {res['clean_acc']:.1f}%")
@@ -186,7 +187,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
         sw.check_compatible(src, norm=norm, model=name, weights_hash=state_digest(clf), dataset_sha256=data.sha256,
                             what="this certificate")
     cert = certify(clf, data.test.floats()[:args.n_test], data.test.y[:args.n_test], eps, norm, steps=args.steps,
-                   batch_size=args.batch_size)
+                   batch_size=args.batch_size, progress=not args.quiet)
     path = save_certificate(cert, args.out, model=name, defense=clf, info={
         "dataset_sha256": data.sha256, "device": str(dev), "machine": machine_name(dev), "versions": versions()})
     print(summary(cert))

@@ -230,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--active-test", type=int, default=0, metavar="N",
                    help="also run the active test of attack strength on N points: planted adversarial examples "
                         "over the defense's own embedding that every attack must find (k-NN defenses)")
+    p.add_argument("--no-certify", action="store_true",
+                   help="skip the certified lower bounds drawn under the ε sweep (k-NN defenses)")
     p.add_argument("--transfer-source", metavar="ROW",
                    help="source of the transfer attack for a defense without a config of this project (e.g. a: "
                         "Table 2's row A); without it such an audit skips transfer and says so")

@@ -26,12 +26,14 @@ from .audit_checks import (
     active_checks,
     attack_checks,
     bound_check,
+    certificate_check,
     iteration_checks,
     model_checks,
     sweep_checks,
     verdict,
 )
 from .cards import save_audit_record
+from .certify import CERTIFIED, certified_sweep
 from .checks import binomial_tol, family_of
 from .evaluate import robust_mask, run_attacks, versions
 
@@ -146,8 +148,8 @@ def run_audit(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
               sweep_eps: list[float] | tuple[float, ...] = SWEEP_EPS,
               overrides: dict[str, dict[str, Any]] | None = None, steps_factors: tuple[float, ...] = (0.5, 2.0),
               batch_size: int = 250, seed: int = 0, cell_dir: str | os.PathLike | None = None,
-              progress: bool = False, active_points: int = 0, notes: list[str] | None = None, norm: str = "Linf"
-              ) -> dict[str, Any]:
+              progress: bool = False, active_points: int = 0, notes: list[str] | None = None, norm: str = "Linf",
+              certify: bool = True) -> dict[str, Any]:
     """Audit ``clf`` on images ``x`` at ``eps`` in ``norm``; returns checks, verdict, per-attack and per-sample
     results.
 
@@ -155,7 +157,9 @@ def run_audit(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     standard suite's figure at the number of audited points (at least one point's worth). ``steps_factors`` are the step/restart multiples run for the accuracy-vs-steps curve of kFGSM and
     of the strongest adaptive white-box attack; the factor 2 is the convergence check. ``active_points`` > 0
     runs the active test of attack strength on that many points (k-NN defenses). ``notes``: sentences about
-    attacks left out (e.g. a transfer without a source), carried into the verdict.
+    attacks left out (e.g. a transfer without a source), carried into the verdict. ``certify``: certified lower
+    bounds at the sweep's radii (k-NN defenses the bounds module can bound), drawn under the attacks' curves and
+    checked against them point by point.
     """
     t0 = time.perf_counter()
     overrides = dict(overrides or {})
@@ -212,6 +216,11 @@ def run_audit(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         active = active_test(clf, x, y, eps, specs, n_points=active_points, seed=seed, batch_size=batch_size,
                              overrides=overrides, progress=progress)
         checks += active_checks(active, std_keys)
+    certificate = certified_sweep(clf, x, y, sorted({*sweep_eps, eps}), norm) if certify else None
+    if certificate is not None and "skipped" not in certificate:
+        at_eps = certificate["certified"][certificate["eps"].index(eps)]
+        checks.append(certificate_check(torch.tensor(at_eps, dtype=torch.bool), robust_all))
+        curves[CERTIFIED] = list(zip(certificate["eps"], certificate["certified_acc"]))
     first, table = attribution(order, clean)
     return {
         "eps": eps, "threat_model": norm, "n": len(x), "tol": tol, "clean_acc": r["clean_acc"], "standard": std_keys,
@@ -219,7 +228,8 @@ def run_audit(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         "n_attack_runs": len(order), "checks": [asdict(c) for c in checks],
         "verdict": verdict(checks, reported, bound, len(order), sorted({families[k] for k in adp_valid}),
                            notes or []),
-        "active_test": active, "notes": notes or [], "eps_curves": curves, "steps_curves": steps_curves,
+        "active_test": active, "certificate": certificate, "notes": notes or [], "eps_curves": curves,
+        "steps_curves": steps_curves,
         "attribution": table.to_dict("records"), "first_breaker": first,
         "worst_case_robust": robust_all.int().tolist(), "main": main,
         "wall_seconds": round(time.perf_counter() - t0, 1),
@@ -242,7 +252,8 @@ def transfer_unavailable(clf: torch.nn.Module, target_cfg: ExperimentConfig | No
 
 def audit(cfg: ExperimentConfig, eps: float, *, n_test: int = 500, quick: bool = False, data_dir: str | None = None,
           cache_dir: str | None = None, device: str = "auto", seed: int = 0, surrogate: str = "potential",
-          batch_size: int = 250, progress: bool = True, active_points: int = 0, norm: str = "Linf") -> dict[str, Any]:
+          batch_size: int = 250, progress: bool = True, active_points: int = 0, norm: str = "Linf",
+          certify: bool = True) -> dict[str, Any]:
     """Train or load ``cfg`` (as ``benchmark_config`` does) and audit it on the first ``n_test`` test images."""
     from ..data import load_cifar10
     from ..devices import resolve_device
@@ -258,7 +269,7 @@ def audit(cfg: ExperimentConfig, eps: float, *, n_test: int = 500, quick: bool =
     return audit_classifier(clf, data, eps, name=cfg.name, config_hash=cfg.config_hash(), config=cfg.to_dict(),
                             target_cfg=cfg, n_test=n_test, quick=quick, cache_dir=cache_dir, seed=seed,
                             batch_size=batch_size, progress=progress, active_points=active_points,
-                            cells=cell_dir(cfg, surrogate, data.sha256, cache_dir), norm=norm)
+                            cells=cell_dir(cfg, surrogate, data.sha256, cache_dir), norm=norm, certify=certify)
 
 
 def audit_classifier(clf: torch.nn.Module, data: Any, eps: float, *, name: str, config_hash: str,
@@ -266,7 +277,7 @@ def audit_classifier(clf: torch.nn.Module, data: Any, eps: float, *, name: str, 
                      n_test: int = 500, quick: bool = False, cache_dir: str | None = None, seed: int = 0,
                      batch_size: int = 250, progress: bool = True,
                      cells: str | os.PathLike | None = None, active_points: int = 0,
-                     transfer_source: str | None = None, norm: str = "Linf") -> dict[str, Any]:
+                     transfer_source: str | None = None, norm: str = "Linf", certify: bool = True) -> dict[str, Any]:
     """Audit any defense through its interface (adaptive k-NN attacks where it has a bank). ``transfer`` crafts
     on Table 2's row A at ``target_cfg``'s size; a defense without a config of this project needs
     ``transfer_source`` named (a row of ``config.MODELS``, at FULL's size), else transfer is skipped and the
@@ -293,7 +304,7 @@ def audit_classifier(clf: torch.nn.Module, data: Any, eps: float, *, name: str, 
                            sweep_eps=SWEEPS[norm][1 if quick else 0],
                            overrides=overrides, steps_factors=(2.0,) if quick else (0.25, 0.5, 2.0),
                            batch_size=batch_size, seed=seed, cell_dir=cells, progress=progress,
-                           active_points=active_points, notes=notes, norm=norm)
+                           active_points=active_points, notes=notes, norm=norm, certify=certify)
     save_audit_record(cells, result)
     return {"model": name, "config": config, "config_hash": config_hash, "weights_hash": weights_hash(clf),
             "dataset": DATASET_NAME,

@@ -122,6 +122,17 @@ def active_checks(active: dict[str, Any], standard: list[str]) -> list[Check]:
     return out
 
 
+def certificate_check(certified: torch.Tensor, robust: torch.Tensor) -> Check:
+    """No attack may break a point certified at the audited ε: one that does means the certificate is unsound or
+    the judge accepted an example outside the threat set; either way a figure here is wrong."""
+    broken = (certified & ~robust).nonzero().flatten().tolist()
+    return Check("certified points unbroken", "FAIL" if broken else "PASS",
+                 f"{int(certified.sum())} certified points, {len(broken)} broken by an attack"
+                 + (f" (test indices {broken[:10]})" if broken else ""),
+                 "a certified lower bound and a valid adversarial example cannot both hold for one point",
+                 decides=True)
+
+
 _FAMILY_WORDS = {"white-box": "adaptive white-box", "gradient-free": "gradient-free", "transfer": "transfer"}
 
 

@@ -174,21 +174,29 @@ def _around(centre: torch.Tensor, radius: torch.Tensor, bank: torch.Tensor, n_sp
     return (d - r - slack).clamp_min(0).sum(0), (d + r + slack).sum(0)
 
 
+def threat_boxes(defense: KNNDefense, x: torch.Tensor, eps: torch.Tensor | float, norm: str) -> tuple[Box, Box]:
+    """The input set (``input_box``) of each row of ``x`` and the box of its embeddings (``embedding_bounds``)."""
+    inp = input_box(x.to(defense.device), eps, norm)
+    return inp, embedding_bounds(defense, inp)
+
+
 def distance_intervals(defense: KNNDefense, x: torch.Tensor, eps: torch.Tensor | float, norm: str,
-                       block_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+                       block_elements: int = 1 << 22, boxes: tuple[Box, Box] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(lo, hi), each (B, M) float64: lo ≤ dist(embed(x'), bank_j) ≤ hi for every x' in the ball of radius ``eps``
     (one per row or one for all) around each row of ``x``, intersected with [0, 1].
 
     First for every bank point from the ℓ2 ball around the embedding box's centre (and, for an identity embedding
     under ℓ2, around x itself): matrix products. Then the exact box distances only for the bank points whose lo
     is at most the k-th smallest hi: any other point is beaten for sure by k points, so its interval is never
-    needed tighter (``certify.vote_bound`` neither selects it nor lets it precede a point that could count)."""
+    needed tighter (``certify.vote_bound`` neither selects it nor lets it precede a point that could count).
+    ``boxes``: ``threat_boxes`` of the same arguments, when the caller has them already."""
     x = x.to(defense.device)
-    inp = input_box(x, eps, norm)
-    emb = embedding_bounds(defense, inp)
+    inp, emb = boxes if boxes is not None else threat_boxes(defense, x, eps, norm)
     bank, n_spaces = defense.bank, defense.n_spaces
     half = ((emb.hi - emb.lo) / 2).reshape(len(x), n_spaces, -1).norm(dim=-1)  # (B, S)
-    width = max(1, block_elements // max(1, emb.lo.numel()))
+    # per block (S, B, width) distances and a float64 copy of width bank rows
+    width = max(1, min(block_elements // (len(x) * n_spaces), block_elements // bank.shape[1]))
     parts = [_around((emb.lo + emb.hi) / 2, half, bank[s:s + width], n_spaces) for s in range(0, len(bank), width)]
     lo, hi = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
     if norm == "L2" and is_identity(defense.net) and not defense.normalize:

@@ -27,11 +27,13 @@ def eps_label(eps: float, norm: str = "Linf") -> str:
 def model_card(name: str, dataset: str, eps: float, clean_acc: float, robust_acc: float,
                per_attack: dict[str, float], n_examples: int, unreliable: bool | None = None,
                footnote: str | None = None, n_invalid: dict[str, int] | None = None,
-               backbone: dict[str, Any] | None = None, threat_model: str = "Linf") -> dict[str, Any]:
+               backbone: dict[str, Any] | None = None, threat_model: str = "Linf",
+               certified_acc: float | None = None) -> dict[str, Any]:
     """RobustBench's ``model_info`` fields (accuracies as strings in %, as there), with the per-sample worst case
     over every attack in place of ``autoattack_acc`` and the per-attack breakdown; ``unreliable`` from an audit
     or the run's cheap checks (None only where no check ran); ``backbone``: the network a subject's features
-    come from (its hashes and head accuracy), where there is one."""
+    come from (its hashes and head accuracy), where there is one; ``certified_acc``: the certified lower bound at
+    this ε on the same images, where one was computed."""
     card = {
         "name": name, "dataset": "cifar10", "dataset_detail": dataset, "threat_model": threat_model,
         "eps": eps_label(eps, threat_model),
@@ -42,6 +44,8 @@ def model_card(name: str, dataset: str, eps: float, clean_acc: float, robust_acc
         "attacks": {k: f"{v:.2f}" for k, v in per_attack.items()},
         "invalid_examples": {k: v for k, v in (n_invalid or {}).items() if v},
     }
+    if certified_acc is not None:
+        card["certified_acc"] = f"{certified_acc:.2f}"
     return {**card, "backbone": backbone} if backbone else card
 
 

@@ -15,8 +15,10 @@ bound over all of them is sound. The argument (:func:`vote_bound`):
 4. Certified iff G > min(P_c, k − G) for every c ≠ y: then votes_y > votes_c strictly for every c in every
    assignment, so no tie rule is ever reached (a possible tie counts against the certificate).
 
-Wider intervals can only lower G and raise P, and the bounds of a larger ball contain those of a smaller one, so
-certification is monotone in ε and the certified radius is found by bisection.
+Under one Euclidean distance (``l2``, ``cosine``) a point the intervals leave open may still be certified by the
+pairwise bisectors (:mod:`.bisector`), which ask about one embedding for both points of a pair. Wider intervals
+can only lower G and raise P, a larger box only raises a bisector's maximum, and the bounds of a larger ball
+contain those of a smaller one, so certification is monotone in ε and the certified radius is found by bisection.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import UsageError
 from ..defenses.defense import KNNDefense
 from ..store import state_digest, write_json, write_text
-from .bounds import distance_intervals, is_identity
+from .bisector import bisector_certified
+from .bounds import distance_intervals, is_identity, threat_boxes
 
 
 def vote_bound(lo: torch.Tensor, hi: torch.Tensor, labels: torch.Tensor, y: torch.Tensor, k: int,
@@ -57,28 +61,54 @@ def certified_at(defense: KNNDefense, x: torch.Tensor, y: torch.Tensor, eps: tor
                  norm: str = "Linf") -> torch.Tensor:
     """(B,) bool: the vote at every input within ``eps`` (a float or one per row) of ``x`` in ``norm``, inside
     [0, 1], is ``y``."""
-    lo, hi = distance_intervals(defense, x, eps, norm)
-    return vote_bound(lo, hi, defense.bank_labels, y.to(lo.device), defense.k, defense.n_classes).cpu()
+    boxes = threat_boxes(defense, x, eps, norm)
+    lo, hi = distance_intervals(defense, x, eps, norm, boxes=boxes)
+    y = y.to(lo.device)
+    ok = vote_bound(lo, hi, defense.bank_labels, y, defense.k, defense.n_classes).cpu()
+    rows = (~ok).nonzero().flatten()
+    if defense.n_spaces == 1 and len(rows):  # one Euclidean distance: the bisectors may certify what intervals do not
+        ok[rows] = bisector_certified(boxes[1], defense.bank, defense.bank_labels, y, defense.k, lo, hi, rows)
+    return ok
 
 
-def certified_radius(defense: KNNDefense, x: torch.Tensor, y: torch.Tensor, norm: str, radius_max: float,
-                     steps: int) -> torch.Tensor:
-    """(B,) the largest radius in [0, radius_max] certified by ``steps`` bisections (0 where not even ε = 0 is:
-    a misclassified point, or one whose vote is tied)."""
-    lo = torch.zeros(len(x), dtype=torch.float64)
-    hi = torch.full((len(x),), float(radius_max), dtype=torch.float64)
-    at_max = certified_at(defense, x, y, hi, norm)
-    lo[at_max] = radius_max
-    open_ = ~at_max & certified_at(defense, x, y, 0.0, norm)
-    hi[~open_] = lo[~open_]
+def certified_radius(defense: KNNDefense, x: torch.Tensor, y: torch.Tensor, norm: str, lo: torch.Tensor,
+                     hi: torch.Tensor, steps: int) -> torch.Tensor:
+    """(B,) the largest radius certified by ``steps`` bisections of [lo, hi] (B,) float64, where each row is known
+    certified at lo (or lo = 0 and nothing is known) and not certified at hi (or hi = the largest radius asked)."""
+    lo, hi = lo.clone(), hi.clone()
+    open_ = hi > lo
     for _ in range(steps):
         if not open_.any():
             break
-        mid = (lo + hi) / 2
-        ok = certified_at(defense, x[open_], y[open_], mid[open_], norm)
         rows = open_.nonzero().squeeze(1)
-        lo[rows[ok]], hi[rows[~ok]] = mid[rows[ok]], mid[rows[~ok]]
+        mid = (lo[rows] + hi[rows]) / 2
+        ok = certified_at(defense, x[rows], y[rows], mid, norm)
+        lo[rows[ok]], hi[rows[~ok]] = mid[ok], mid[~ok]
     return lo
+
+
+def _certify_batch(defense: KNNDefense, x: torch.Tensor, y: torch.Tensor, eps: list[float], norm: str,
+                   radius_max: float, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(len(eps), B) certified and (B,) radius. The radii are tried in increasing order, each only on the points
+    certified at the one before: certification is monotone in ε (module docstring), so a point that fails at ε
+    is reported uncertified at every larger radius without computing its bounds (sound either way: "not
+    certified" claims nothing). Most points fail early, so a wide ball's costly intervals are rarely computed."""
+    n = len(x)
+    alive = torch.ones(n, dtype=torch.bool)
+    best = torch.zeros(n, dtype=torch.float64)  # the largest radius each point is certified at so far
+    fail = torch.full((n,), float(radius_max), dtype=torch.float64)  # the smallest radius it failed at
+    known = torch.zeros(n, dtype=torch.bool)  # certified at ``best`` (False: nothing certified yet)
+    done: dict[float, torch.Tensor] = {}
+    for e in sorted({*eps, 0.0, float(radius_max)}):
+        rows = alive.nonzero().squeeze(1)
+        if len(rows):
+            ok = certified_at(defense, x[rows], y[rows], e, norm)
+            best[rows[ok]], known[rows[ok]] = e, True
+            fail[rows[~ok]] = e
+            alive[rows[~ok]] = False
+        done[e] = alive.clone()
+    radius = certified_radius(defense, x, y, norm, best, torch.where(known, fail, torch.zeros_like(fail)), steps)
+    return torch.stack([done[e] for e in eps]), radius.clamp_max(radius_max)
 
 
 @dataclass
@@ -109,7 +139,7 @@ def _check(defense: Any, norm: str, eps: Sequence[float]) -> None:
 
 def certify(defense: KNNDefense, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float],
             norm: str = "Linf", *, radius_max: float | None = None, steps: int = 10,
-            batch_size: int = 100) -> Certificate:
+            batch_size: int = 100, progress: bool = False) -> Certificate:
     """Certify each row of ``x`` (images in [0, 1]) with label ``y`` at every ε in ``eps``, and bisect its
     certified radius in [0, ``radius_max``] (default: twice the largest ε, at most 1 for ℓ∞)."""
     eps = [float(eps)] if isinstance(eps, (int, float)) else [float(e) for e in eps]
@@ -119,15 +149,35 @@ def certify(defense: KNNDefense, x: torch.Tensor, y: torch.Tensor, eps: float | 
     y = torch.as_tensor(y).long()
     start = time.perf_counter()
     cert, radius = [], []
-    for s in range(0, len(x), batch_size):
-        xb, yb = x[s:s + batch_size].float(), y[s:s + batch_size]
-        cert.append(torch.stack([certified_at(defense, xb, yb, e, norm) for e in eps]))
-        radius.append(certified_radius(defense, xb, yb, norm, radius_max, steps))
+    for s in tqdm(range(0, len(x), batch_size), desc="certify", unit="batch", disable=not progress):
+        c, r = _certify_batch(defense, x[s:s + batch_size].float(), y[s:s + batch_size], eps, norm, radius_max,
+                              steps)
+        cert.append(c)
+        radius.append(r)
     certified = torch.cat(cert, 1) if cert else torch.zeros(len(eps), 0, dtype=torch.bool)
     method = ("exact distance intervals of the identity embedding" if is_identity(defense.net)
-              else "interval bound propagation (IBP) of the embedding") + " + pessimistic vote"
+              else "interval bound propagation (IBP) of the embedding") + " + pessimistic vote" + (
+        "; else pairwise bisectors over the same set" if defense.n_spaces == 1 else "")
     return Certificate(eps, norm, certified, torch.cat(radius) if radius else torch.zeros(0),
                        time.perf_counter() - start, method, {"radius_max": radius_max, "bisection_steps": steps})
+
+
+CERTIFIED = "certified (lower bound)"  # the audit's curve of certified accuracy against ε
+
+
+def certified_sweep(defense: Any, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float], norm: str
+                    ) -> dict[str, Any]:
+    """Certificates at an audit's radii and at two halvings below its smallest positive one (where certificates
+    hold, if anywhere): ``{"eps", "certified_acc", "certified" (per ε, 0/1 per point), "method", "seconds"}``,
+    or ``{"skipped": why}`` for a defense this module cannot bound (no bank, an unknown layer)."""
+    positive = [e for e in eps if e > 0]
+    radii = sorted({*eps, *([min(positive) / 2, min(positive) / 4] if positive else [])})
+    try:
+        cert = certify(defense, x, y, radii, norm, radius_max=max(radii), steps=0)
+    except UsageError as e:
+        return {"skipped": str(e)}
+    return {"eps": radii, "certified_acc": cert.accuracy(), "certified": [c.int().tolist() for c in cert.certified],
+            "method": cert.method, "seconds": round(cert.seconds, 2)}
 
 
 def save_certificate(cert: Certificate, out: str | Path, *, model: str, defense: KNNDefense,

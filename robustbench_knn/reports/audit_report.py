@@ -33,10 +33,14 @@ def audit_model_card(result: dict[str, Any]) -> dict[str, Any]:
     beaten by the other attacks: that failure discredits the standard suite's figure, not this bound."""
     verdict = result["verdict"]
     against_bound = [name for name in verdict["failed"] if name != "adaptive/all vs standard"]
+    cert = result.get("certificate") or {}
+    certified = (cert["certified_acc"][cert["eps"].index(result["eps"])]
+                 if result["eps"] in cert.get("eps", []) else None)
     return model_card(result.get("model", "model"), result.get("dataset", ""), result["eps"], result["clean_acc"],
                       result["upper_bound_acc"], result["robust_acc"], result["n"],
                       unreliable=bool(against_bound), footnote=f"Audit verdict: {verdict['text']}",
-                      backbone=result.get("backbone"), threat_model=result.get("threat_model", "Linf"))
+                      backbone=result.get("backbone"), threat_model=result.get("threat_model", "Linf"),
+                      certified_acc=certified)
 
 
 def save_audit(result: dict[str, Any], out_dir: str | os.PathLike) -> Path:

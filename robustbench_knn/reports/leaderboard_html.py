@@ -8,11 +8,13 @@ import math
 import os
 from html import escape
 
+from ..evaluation.certify import CERTIFIED
 from .leaderboard import COLUMNS, Leaderboard, Row, caption, cells, links
 
 WORST = "worst case"
-COLORS = ["#1f5fa8", "#2a9d3c", "#8e44ad", "#d9820b"]  # standard-suite curves; the worst case is red
+COLORS = ["#1f5fa8", "#8e44ad", "#d9820b"]  # standard-suite curves; the worst case is red, certified green
 WORST_COLOR = "#c0392b"
+CERTIFIED_COLOR = "#2a9d3c"
 
 HELP = {  # header tooltips: what a reader must know to read each column
     "rank": "within each ε: highest worst-case robust accuracy first",
@@ -91,8 +93,9 @@ def _eps_tick(eps: float, threat_model: str = "Linf") -> str:
 
 
 def plot_curves(row: Row) -> dict[str, list[tuple[float, float]]]:
-    """The curves a reader compares: the standard suite's (its strongest standard attack's curve; every curve but
-    the worst case when the audit does not say which attacks are standard) and the worst case over every run."""
+    """The curves a reader compares: the standard suite's (its strongest standard attack's curve; every attack's
+    curve when the audit does not say which attacks are standard), the worst case over every run and, where the
+    audit computed it, the certified lower bound."""
     curves = {}
     for key, pts in (row.curves or {}).items():
         good = [(float(p[0]), float(p[1])) for p in pts if isinstance(p, (list, tuple)) and len(p) == 2
@@ -105,8 +108,8 @@ def plot_curves(row: Row) -> dict[str, list[tuple[float, float]]]:
             near = [a for e, a in curves[k] if row.audit_eps is not None and abs(e - row.audit_eps) < 1e-9]
             return near[0] if near else sum(a for _, a in curves[k]) / len(curves[k])
         standard = [min(standard, key=at)]
-    keep = standard or [k for k in curves if k != WORST]
-    return {**{k: curves[k] for k in keep}, **({WORST: curves[WORST]} if WORST in curves else {})}
+    keep = standard or [k for k in curves if k not in (WORST, CERTIFIED)]
+    return {**{k: curves[k] for k in keep}, **{k: curves[k] for k in (WORST, CERTIFIED) if k in curves}}
 
 
 def svg_plot(row: Row, width: int = 330, height: int = 210) -> str:
@@ -162,9 +165,9 @@ def svg_plot(row: Row, width: int = 330, height: int = 210) -> str:
     legend_y = top + 12
     for i, (key, pts) in enumerate(curves.items()):
         worst = key == WORST
-        color = WORST_COLOR if worst else COLORS[i % len(COLORS)]
+        color = WORST_COLOR if worst else CERTIFIED_COLOR if key == CERTIFIED else COLORS[i % len(COLORS)]
         width_ = 2.2 if worst else 1.6
-        dash = "" if worst else ' stroke-dasharray="5 2"'
+        dash = "" if worst else ' stroke-dasharray="2 2"' if key == CERTIFIED else ' stroke-dasharray="5 2"'
         path = " ".join(f"{X(e):.1f},{Y(a):.1f}" for e, a in pts)
         out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="{width_}"{dash}/>')
         out += [f'<circle cx="{X(e):.1f}" cy="{Y(a):.1f}" r="2.2" fill="{color}"/>' for e, a in pts]

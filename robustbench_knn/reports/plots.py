@@ -17,11 +17,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ..config import ExperimentConfig, get_model_config  # noqa: E402
 from ..data import CLASSES, Split  # noqa: E402
 from ..distances import split_spaces  # noqa: E402
+from ..evaluation.certify import CERTIFIED  # noqa: E402
 
 
 def _save(fig: Any, path: str | os.PathLike) -> Path:
@@ -30,6 +32,10 @@ def _save(fig: Any, path: str | os.PathLike) -> Path:
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+STYLES = {"worst case": {"color": "black", "linestyle": "--", "linewidth": 2},
+          CERTIFIED: {"color": "tab:green", "linestyle": ":", "linewidth": 2}}
 
 
 def _eps_axis(norm: str) -> tuple[float, str]:
@@ -46,8 +52,14 @@ def plot_eps_curves(curves: dict[str, list[tuple[float, float]]], path: str | os
     for label, pts in curves.items():
         if pts:
             e, a = zip(*sorted(pts))
-            style = {"color": "black", "linestyle": "--", "linewidth": 2} if label == "worst case" else {}
+            style = STYLES.get(label, {})
             ax.plot([v * scale for v in e], a, marker="o", label=label, **style)
+    lower, upper = sorted(curves.get(CERTIFIED) or []), sorted(curves.get("worst case") or [])
+    if lower and upper:  # where the true robust accuracy lies, between the drawn (straight-line) curves
+        lo_e, hi_e = max(lower[0][0], upper[0][0]), min(lower[-1][0], upper[-1][0])
+        xs = sorted({e for e, _ in lower + upper if lo_e <= e <= hi_e})
+        ys = [np.interp(xs, *zip(*curve)) for curve in (lower, upper)]
+        ax.fill_between([v * scale for v in xs], ys[0], ys[1], color="tab:green", alpha=0.12)
     ax.set(xlabel=xlabel, ylabel="robust accuracy (%)", ylim=(-2, 102), title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
