@@ -205,6 +205,35 @@ def test_audit_and_evaluate_cards_of_one_model_and_eps_merge_into_one_row(tmp_pa
          "evaluate-full-f37494becba4-potential.model-card.json", "evaluate-full-f37494becba4-potential.json"])
 
 
+def evaluate_result(robust: list[int], clean: list[int], eps: float = EPS8) -> dict[str, Any]:
+    """An evaluate JSON's per-image fields: clean-correct and, per ε, the per-sample worst case."""
+    return {"model": "full", "weights_hash": "b5b426410067", "clean_correct": clean,
+            "per_eps": [{"eps": eps, "worst_case_robust": robust}]}
+
+
+def test_runs_on_the_same_images_join_per_image(tmp_path):
+    # planted: the row keeps the lowest single run (50.00) instead of the union of their breaks
+    cards = tmp_path / "cards"
+    clean = [1, 1, 1, 1, 0]
+    put(cards / "aa", "evaluate-full-b5b426410067-potential", card("full", worst="40.00", clean="80.00", n=5),
+        evaluate_result([1, 1, 0, 0, 0], clean))
+    put(cards / "cascade", "evaluate-full-b5b426410067-potential", card("full", worst="40.00", clean="80.00", n=5),
+        evaluate_result([0, 1, 1, 0, 0], clean))
+    # a run on other images (n = 3) is not joined; its own lower figure on them still competes as a run
+    put(cards / "small", "evaluate-full-b5b426410067-potential", card("full", worst="33.33", n=3),
+        evaluate_result([0, 1, 0], clean[:3]))
+    html, _ = build(tmp_path)
+    (row,) = html.tables[0]["dicts"]
+    assert (row["worst case %"], row["clean %"], row["n"]) == ("20.00", "80.00", "5")
+    csv_row = next(csv.DictReader(io.StringIO((tmp_path / "out" / "leaderboard.csv").read_text())))
+    assert "union of aa/evaluate-potential, cascade/evaluate-potential" in str(csv_row)
+    # a run on more images is not joined with runs on fewer: then the lowest single run stands
+    put(cards / "big", "evaluate-full-b5b426410067-potential", card("full", worst="30.00", n=10),
+        evaluate_result([1, 0, 0, 1, 0, 0, 1, 0, 0, 0], clean * 2))
+    html, _ = build(tmp_path)
+    assert html.tables[0]["dicts"][0]["worst case %"] == "30.00"
+
+
 def test_links_are_relative_to_the_output_folder(tmp_path, monkeypatch):
     # planted: paths relative to the working directory instead of the output folder
     put(tmp_path / "cards" / "deep" / "er", "evaluate-a-1234567890ab-x", card("a"), {"model": "a"})

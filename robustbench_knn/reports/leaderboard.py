@@ -5,7 +5,8 @@ audit's upper bound, and the sibling ``audit-...json`` holds the verdict, the st
 and the config) and an evaluate/benchmark card (any other ``<kind>-<name>-<hash>-...``; ``more_eps`` holds the
 cards of its further ε). Cards of the same model (name *and* weights/config hash), threat model and ε become one
 row: the worst case is the lowest figure any of them reached, since each is an upper bound on the true robust
-accuracy and the lowest is the tightest. Rows are ranked within each ε (figures at different ε do not compare).
+accuracy and the lowest is the tightest, or lower still the per-image union of their breaks (``union.py``) where
+their results hold per-image data for the same images. Rows are ranked within each ε (figures at different ε do not compare).
 """
 
 from __future__ import annotations
@@ -25,9 +26,13 @@ from tabulate import tabulate
 from ..config import UsageError
 from ..evaluation.cards import eps_label
 from ..store import read_json, write_text
+from .union import PerSample, per_sample, union
 
 CARD_SUFFIX = ".model-card.json"
-THREAT_ORDER = ("Linf", "L2")  # RobustBench's order; any other threat model follows, alphabetically
+THREAT_ORDER = ("Linf", "L2")
+WORST_CASE_TEXT = ("the lowest robust accuracy any run reached on the model at that ε (per-sample worst case over "
+                   "every attack of the run; an audit's upper bound), or, lower still, the per-image union of the "
+                   "breaks of the runs on the same images")  # RobustBench's order; any other threat model follows, alphabetically
 
 
 class UnreadableCard(Exception):
@@ -55,6 +60,7 @@ class Entry:
     label: str  # short name for links: <folder>/<kind>[-<tail>]
     audit: dict[str, Any] | None = None  # the audit JSON (audit cards only)
     config: dict[str, Any] | None = None
+    per_sample: PerSample | None = None  # per test image, from the results JSON
 
 
 @dataclass
@@ -192,7 +198,8 @@ def read_card(card: Path) -> list[Entry]:
             certified=_num(c.get("certified_acc")), dataset=str(c.get("dataset_detail") or c.get("dataset") or ""),
             card=card, result=result_path if result is not None else None, label=label,
             audit=result if kind == "audit" else None,
-            config=result.get("config") if result is not None and isinstance(result.get("config"), dict) else None))
+            config=result.get("config") if result is not None and isinstance(result.get("config"), dict) else None,
+            per_sample=per_sample(result, kind, eps_value)))
     return entries
 
 
@@ -225,14 +232,17 @@ def _merge(entries: list[Entry]) -> Row:
     config = next((e.config for e in audits + order if e.config), None)
     certified = [e.certified for e in entries if e.certified is not None]
     curves = (audit or {}).get("eps_curves")
+    worst, clean, n, source = best.worst_case, best.clean_acc, best.n, best.label if best.worst_case is not None else ""
+    joined = union([(e.label, e.per_sample) for e in order if e.per_sample is not None])
+    if joined is not None and (worst is None or joined[0] < worst):
+        worst, clean, n = joined[:3]
+        source = "per-image union of " + ", ".join(joined[3])
     return Row(
         threat_model=best.threat_model, eps=best.eps, eps_value=best.eps_value, name=best.name, hash=best.hash,
-        clean_acc=best.clean_acc if best.clean_acc is not None else next(
-            (e.clean_acc for e in order if e.clean_acc is not None), None),
-        reported_acc=_num(reported), worst_case=best.worst_case,
-        worst_case_from=best.label if best.worst_case is not None else "",
+        clean_acc=clean if clean is not None else next((e.clean_acc for e in order if e.clean_acc is not None), None),
+        reported_acc=_num(reported), worst_case=worst, worst_case_from=source,
         verdict=str(verdict.get("status") or ""), verdict_text=str(verdict.get("text") or ""),
-        unreliable=unreliable, n=best.n if best.n is not None else next((e.n for e in order if e.n is not None), None),
+        unreliable=unreliable, n=n if n is not None else next((e.n for e in order if e.n is not None), None),
         recipe=recipe_of(config), certified=max(certified) if certified else None,
         dataset=best.dataset or next((e.dataset for e in order if e.dataset), ""), entries=order,
         curves=curves if isinstance(curves, dict) and curves else None,
@@ -346,9 +356,8 @@ def caption(board: Leaderboard) -> str:
 
 def render_markdown(board: Leaderboard, out_dir: str | os.PathLike) -> str:
     text = [f"# k-NN leaderboard: {caption(board)}", "",
-            ("Accuracies in %. *worst case*: the lowest robust accuracy any run reached on the model at that ε "
-            "(per-sample worst case over every attack of the run; an audit's upper bound). *standard suite*: the "
-            "figure of the standard attacks alone, from an audit. Rank within each ε, highest worst case first."), ""]
+            (f"Accuracies in %. *worst case*: {WORST_CASE_TEXT}. *standard suite*: the figure of the standard "
+             "attacks alone, from an audit. Rank within each ε, highest worst case first."), ""]
     for threat, rows in board.tables.items():
         body = [cells(r) + [" ".join(f"[{lab}]({c})" + (f" [json]({res})" if res else "")
                                      for lab, c, res in links(r, out_dir))] for r in rows]

@@ -9,7 +9,7 @@ import os
 from html import escape
 
 from ..evaluation.certify import CERTIFIED
-from .leaderboard import COLUMNS, Leaderboard, Row, caption, cells, links
+from .leaderboard import COLUMNS, WORST_CASE_TEXT, Leaderboard, Row, caption, cells, links
 
 WORST = "worst case"
 COLORS = ["#1f5fa8", "#8e44ad", "#d9820b"]  # standard-suite curves; the worst case is red, certified green
@@ -229,8 +229,7 @@ def render_html(board: Leaderboard, out_dir: str | os.PathLike) -> str:
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
              f"<title>{escape(title)}</title><style>{STYLE}</style></head><body>",
              f"<h1>{escape(title)}</h1>",
-             ('<p class="lead">Accuracies in %. <b>worst case</b>: the lowest robust accuracy any run reached on the '
-             "model at that ε (per-sample worst case over every attack of the run; an audit's upper bound). "
+             (f'<p class="lead">Accuracies in %. <b>worst case</b>: {escape(WORST_CASE_TEXT)}. '
              "<b>standard suite</b>: the standard attacks alone, from an audit. Ranked within each ε, highest worst "
              "case first. Click a column header to sort; hover a verdict for its text.</p>")]
     for threat, rows in board.tables.items():
