@@ -156,6 +156,9 @@ def test_l2_audit_end_to_end_and_its_refusals(tiny_data_dir, cache_dir, tmp_path
     assert res["threat_model"] == "L2" and [e for e, _ in res["eps_curves"]["worst case"]] == [0.0, 0.5, 2.0, 4.0]
     card = json.loads(next(tmp_path.glob("audit-*-L2-eps0p5.model-card.json")).read_text())
     assert card["threat_model"] == "L2" and card["eps"] == "0.5"
+    # the certified curve in ℓ2 radii, two halvings below the sweep's smallest, under the worst case
+    assert res["certificate"]["eps"] == [0.0, 0.125, 0.25, 0.5, 2.0, 4.0] and "certified_acc" in card
+    assert float(card["certified_acc"]) <= float(card["worst_case_robust_acc"])
     for entry in res["main"]["per_eps"][0]["attacks"].values():  # every example judged in the ℓ2 ball
         assert entry["violations"]["max_dist"] <= 0.5 + 1e-5
 
@@ -190,6 +193,9 @@ def test_benchmark_in_l2_writes_l2_files_beside_the_linf_ones(tiny_data, tiny_da
     linf = benchmark(defense, eps=8 / 255, **kw)
     card = json.loads((tmp_path / "px-L2.model-card.json").read_text())
     assert card["threat_model"] == "L2" and card["eps"] == "0.5"
+    # the certified curve in ℓ2 radii, two halvings below the sweep's smallest, under the worst case
+    assert res["certificate"]["eps"] == [0.0, 0.125, 0.25, 0.5, 2.0, 4.0] and "certified_acc" in card
+    assert float(card["certified_acc"]) <= float(card["worst_case_robust_acc"])
     assert json.loads((tmp_path / "px.model-card.json").read_text())["threat_model"] == "Linf"
     assert l2.raw["threat_model"] == "L2" and linf.raw["threat_model"] == "Linf"
     with pytest.raises(UsageError):

@@ -81,7 +81,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     from ..defenses.surrogate import SURROGATES
-    from ..evaluation.audit import audit, audit_classifier
+    from ..evaluation.audit import audit, audit_classifier, check_active_norm
     from ..evaluation.cards import eps_label
     from ..reports.audit_report import attacks_frame, checks_frame, save_audit
 
@@ -107,8 +107,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise UsageError(f"--n-test must be <= {TEST_SET_SIZE} (the size of the test set)")
     if args.active_test < 0:
         raise UsageError("--active-test must be >= 0 (the number of points)")
-    if args.active_test and norm != "Linf":
-        raise UsageError("the active test plants its examples in the ℓ∞ ball; run it with --norm Linf")
+    check_active_norm(args.active_test, norm)
     if args.transfer_source is not None:
         get_model_config(args.transfer_source)  # an unknown row: one line before any work
     if is_config_name(args.model):

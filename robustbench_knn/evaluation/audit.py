@@ -142,6 +142,12 @@ def eps_curves(run: _Runner, swept: list[str], sweep_eps: tuple[float, ...] | li
     return curves
 
 
+def check_active_norm(active_points: int, norm: str) -> None:
+    """The active test exists in ℓ∞ only: refused in another norm, before any work."""
+    if active_points and norm != "Linf":
+        raise UsageError("the active test plants its examples in the ℓ∞ ball; run it with --norm Linf")
+
+
 def run_audit(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
               standard: list[str] | tuple[str, ...] = STANDARD_SUITE,
               adaptive: list[str] | tuple[str, ...] = ADAPTIVE_SUITE,
@@ -163,8 +169,7 @@ def run_audit(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     """
     t0 = time.perf_counter()
     overrides = dict(overrides or {})
-    if active_points and norm != "Linf":
-        raise UsageError("the active test plants its examples in the ℓ∞ ball; run it with --norm Linf")
+    check_active_norm(active_points, norm)
     opts: dict[str, Any] = {"batch_size": batch_size, "progress": progress, "seed": seed, "norm": norm}
     if cell_dir is not None:
         opts["cell_dir"] = cell_dir
