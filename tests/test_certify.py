@@ -17,7 +17,7 @@ from robustbench_knn.evaluation import certify as certify_module
 from robustbench_knn.evaluation.bounds import embedding_bounds, input_box
 from robustbench_knn.evaluation.certify import certify
 from robustbench_knn.evaluation.evaluate import TOL
-from robustbench_knn.paper.model import IdResNet
+from robustbench_knn.paper.model import IdRes, IdResNet
 
 from .conftest import USER_MODULE
 
@@ -236,6 +236,34 @@ def test_ibp_box_holds_the_paper_networks_embedding(normalization, norm, eps):
                      else delta * eps / delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
             e = defense.embed((x0 + delta).clamp(0, 1)).double()
             assert (e >= box.lo).all() and (e <= box.hi).all()
+
+
+def toy_residual() -> nn.Module:
+    """A ReLU network with the paper's residual layers (skip + branch) on 2-D inputs, weights large enough that
+    many ReLUs straddle 0 over the boxes below."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(2, 8), IdRes(8, 8), nn.ReLU(), IdRes(8, 4))
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.8)
+    return net.eval()
+
+
+@pytest.mark.parametrize("make", [lambda: toy_mlp(1).net, toy_residual])
+def test_linear_bounds_hold_on_a_dense_grid_and_beat_ibp(make):
+    """The embedding box (IBP ∩ linear bounds) holds the embedding of every point of a dense grid of each ball,
+    corners included, and is narrower than IBP's alone. Planted and caught: the ReLU's upper line without its
+    offset; a residual layer's skip left out of the backward pass."""
+    net = make()
+    x = points(6, seed=4)
+    defense = KNNDefense(net, torch.tensor([0, 1]), bank_embeddings=net(x[:2]).detach(), k=1)
+    for eps in (0.05, 0.2):
+        box = embedding_bounds(defense, input_box(x, eps, "Linf"))
+        ibp = bounds.propagate(net, input_box(x, eps, "Linf"))
+        for i in range(len(x)):
+            e = net(ball_grid(x[i], eps, "Linf", n=61)).double()
+            assert (e.min(0).values >= box.lo[i]).all() and (e.max(0).values <= box.hi[i]).all()
+        assert (box.hi - box.lo).sum() < 0.9 * (ibp.hi - ibp.lo).sum()
 
 
 def test_cosine_bounds_hold_and_unknown_layers_are_refused():

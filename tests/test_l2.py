@@ -193,9 +193,6 @@ def test_benchmark_in_l2_writes_l2_files_beside_the_linf_ones(tiny_data, tiny_da
     linf = benchmark(defense, eps=8 / 255, **kw)
     card = json.loads((tmp_path / "px-L2.model-card.json").read_text())
     assert card["threat_model"] == "L2" and card["eps"] == "0.5"
-    # the certified curve in ℓ2 radii, two halvings below the sweep's smallest, under the worst case
-    assert res["certificate"]["eps"] == [0.0, 0.125, 0.25, 0.5, 2.0, 4.0] and "certified_acc" in card
-    assert float(card["certified_acc"]) <= float(card["worst_case_robust_acc"])
     assert json.loads((tmp_path / "px.model-card.json").read_text())["threat_model"] == "Linf"
     assert l2.raw["threat_model"] == "L2" and linf.raw["threat_model"] == "Linf"
     with pytest.raises(UsageError):

@@ -5,7 +5,9 @@ each bank point, as intervals.
   (the ℓ2 radius travels with the box for the layers that can use it).
 - ``embedding_bounds``: interval bound propagation (IBP) through the layers of the paper's IdResNet (per-image or
   per-position normalisation, Linear, ReLU, identity-initialised residual layers) and of plain ``nn.Sequential``
-  embeddings (Linear, Flatten, Identity, ReLU, Tanh, Sigmoid); any other layer is refused, never guessed.
+  embeddings (Linear, Flatten, Identity, ReLU, Tanh, Sigmoid); any other layer is refused, never guessed. Where
+  every layer after the normalisation is Linear or ReLU, the box is intersected with CROWN-style linear bounds
+  (:mod:`.linear_bounds`) computed from the same pass.
 - ``distance_intervals``: per test point and bank point, [lo, hi] ⊇ {dist(f(x'), b) : x' in the ball} for the
   defense's metric (``l2``, ``sum-l2:N``, ``cosine``). An identity embedding (raw pixels) gets the exact box
   distances, for ℓ2 intersected with ‖x − b‖ ± ε per sub-space.
@@ -16,7 +18,7 @@ function IBP bounds by rounding: network boxes are widened by ``FLOAT_SLACK`` (r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -26,6 +28,7 @@ from ..defenses.defense import KNNDefense
 from ..defenses.subjects import Penultimate, Pixels
 from ..paper.model import IdRes, IdResNet
 from .evaluate import TOL
+from .linear_bounds import linear_bounds
 
 FLOAT_SLACK = 1e-5  # relative widening of network boxes: float32 forward passes round by far less than this
 EXACT_SLACK = 1e-9  # float64 rounding of the identity embedding's closed forms
@@ -90,41 +93,58 @@ def _image_normalisation(box: Box) -> Box:
     return Box(torch.minimum(n_lo / s_lo, n_lo / s_hi), torch.maximum(n_hi / s_lo, n_hi / s_hi))
 
 
-def _idresnet(net: IdResNet, box: Box, features_only: bool = False) -> Box:
+@dataclass
+class Trace:
+    """What the linear bounds need from an IBP pass: the box an IdResNet's first layer reads (its normalised
+    input; None for other networks, whose first layer reads the input box) and every ReLU's input box, in order."""
+
+    first: Box | None = None
+    relus: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+RELU = nn.ReLU()
+
+
+def _idresnet(net: IdResNet, box: Box, features_only: bool = False, trace: Trace | None = None) -> Box:
     if net.cfg.normalization == "image":
         box = _image_normalisation(box)
     else:  # per position: an increasing affine map (std > 0)
         mean, std = net.mean.flatten().double(), net.std.flatten().double()
         box = Box((box.lo - mean) / std, (box.hi - mean) / std)
-    box = _linear(net.ots, box)
+    if trace is not None:
+        trace.first = box
+    box = propagate(net.ots, box, trace)
     if net.cfg.ots_activation == "relu":
-        box = Box(box.lo.clamp_min(0), box.hi.clamp_min(0))
+        box = propagate(RELU, box, trace)
     for i in range(net.cfg.n_dec):
-        box = propagate(net.dec[0 if net.cfg.share_dec else i], box)
-    return box if features_only else propagate(net.cl, box)
+        box = propagate(net.dec[0 if net.cfg.share_dec else i], box, trace)
+    return box if features_only else propagate(net.cl, box, trace)
 
 
-def propagate(m: nn.Module, box: Box) -> Box:
-    """IBP through one module: a box holding ``m(z)`` for every ``z`` in ``box``."""
+def propagate(m: nn.Module, box: Box, trace: Trace | None = None) -> Box:
+    """IBP through one module: a box holding ``m(z)`` for every ``z`` in ``box``; ``trace`` records what
+    :mod:`.linear_bounds` needs."""
     if isinstance(m, nn.Sequential):
         for layer in m:
-            box = propagate(layer, box)
+            box = propagate(layer, box, trace)
         return box
     if isinstance(m, IDENTITY):
         return box  # values unchanged (inputs are already flat)
     if isinstance(m, nn.Linear):
         return _linear(m, box)
     if isinstance(m, MONOTONE):
+        if trace is not None and isinstance(m, nn.ReLU):
+            trace.relus.append((box.lo, box.hi))
         return Box(m(box.lo), m(box.hi))
     if isinstance(m, IdRes):
-        out = propagate(m.branch, box)
+        out = propagate(m.branch, box, trace)
         if m.identity:  # the skip's values and the branch's vary together; adding their boxes is sound
             out = Box(out.lo + box.lo[:, -m.out_dim:], out.hi + box.hi[:, -m.out_dim:])
         return out
     if isinstance(m, IdResNet):
-        return _idresnet(m, box)
+        return _idresnet(m, box, trace=trace)
     if isinstance(m, Penultimate) and isinstance(m.net, IdResNet):
-        return _idresnet(m.net, box, features_only=True)
+        return _idresnet(m.net, box, features_only=True, trace=trace)
     raise UsageError(f"certify bounds embeddings built from Linear, ReLU, Tanh, Sigmoid, Flatten, Identity and the "
                      f"paper's IdResNet; this one has a {type(m).__name__}")
 
@@ -145,7 +165,12 @@ def embedding_bounds(defense: KNNDefense, box: Box) -> Box:
     if is_identity(defense.net):
         out = box
     else:
-        out = propagate(defense.net, box)
+        trace = Trace()
+        out = propagate(defense.net, box, trace)
+        first = trace.first if trace.first is not None else box
+        tight = linear_bounds(defense.net, first.lo, first.hi, trace.relus)
+        if tight is not None:  # both hold: keep the tighter end of each
+            out = Box(torch.maximum(out.lo, tight[0]), torch.minimum(out.hi, tight[1]))
         pad = FLOAT_SLACK * (1 + torch.maximum(out.lo.abs(), out.hi.abs()).amax(1, keepdim=True))
         out = Box(out.lo - pad, out.hi + pad)
     return _normalised(out) if defense.normalize else out
