@@ -36,6 +36,7 @@ from ..defenses.defense import KNNDefense
 from ..store import state_digest, write_json, write_text
 from .bisector import bisector_certified
 from .bounds import distance_intervals, is_identity, threat_boxes
+from .linear_bounds import supported
 
 
 def vote_bound(lo: torch.Tensor, hi: torch.Tensor, labels: torch.Tensor, y: torch.Tensor, k: int,
@@ -156,7 +157,8 @@ def certify(defense: KNNDefense, x: torch.Tensor, y: torch.Tensor, eps: float | 
         radius.append(r)
     certified = torch.cat(cert, 1) if cert else torch.zeros(len(eps), 0, dtype=torch.bool)
     method = ("exact distance intervals of the identity embedding" if is_identity(defense.net)
-              else "interval bound propagation (IBP) of the embedding") + " + pessimistic vote" + (
+              else "interval bound propagation (IBP)" + (" ∩ linear bounds (CROWN-IBP)" if supported(defense.net)
+                                                        else "") + " of the embedding") + " + pessimistic vote" + (
         "; else pairwise bisectors over the same set" if defense.n_spaces == 1 else "")
     return Certificate(eps, norm, certified, torch.cat(radius) if radius else torch.zeros(0),
                        time.perf_counter() - start, method, {"radius_max": radius_max, "bisection_steps": steps})
