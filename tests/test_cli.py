@@ -40,6 +40,7 @@ def test_train_then_evaluate_end_to_end(tiny_data_dir, tmp_path, capsys):
     assert float(card["worst_case_robust_acc"]) == res["per_eps"][0]["worst_case_acc"]
     assert res["n_test"] == 30 and res["n_clean"] == 100 and res["eps"] == pytest.approx([8 / 255, 0.1])
     assert res["dataset_sha256"] and res["config"]["k"] == 5 and "torch" in res["versions"]
+    assert res["machine"] and res["command"].startswith("robustbench-knn evaluate --model full")  # and how
     assert len(res["per_eps"][0]["attacks"]["native:kfgsm"]["robust"]) == 30
     assert res["clean_acc_full"] > 80
     # the result names the weights it judged, not only the recipe (another machine trains other weights)

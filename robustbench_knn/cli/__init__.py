@@ -32,10 +32,12 @@ DISTRIBUTED = ("evaluate", "audit", "toolkits")  # the commands torchrun can spl
 
 def main(argv: Sequence[str] | None = None) -> int:
     from ..evaluation import distributed
+    from ..evaluation.evaluate import COMMAND
 
     where = ""
     try:
         args = build_parser().parse_args(argv)
+        COMMAND[:] = ["robustbench-knn", *(sys.argv[1:] if argv is None else argv)]
         if not distributed.launched_by_torchrun():
             rc = COMMANDS[args.command](args)
         else:

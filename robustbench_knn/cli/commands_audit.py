@@ -162,9 +162,9 @@ def _built_model(args: argparse.Namespace, data: Any, dev: Any, surrogate: str =
 
 def cmd_certify(args: argparse.Namespace) -> int:
     from ..data import load_cifar10
-    from ..devices import machine_name, resolve_device
+    from ..devices import resolve_device
     from ..evaluation.certify import certify, save_certificate, summary
-    from ..evaluation.evaluate import versions
+    from ..evaluation.evaluate import provenance, versions
     from ..reports import sandwich as sw
     from ..store import state_digest
 
@@ -188,7 +188,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     cert = certify(clf, data.test.floats()[:args.n_test], data.test.y[:args.n_test], eps, norm, steps=args.steps,
                    batch_size=args.batch_size, progress=not args.quiet)
     path = save_certificate(cert, args.out, model=name, defense=clf, info={
-        "dataset_sha256": data.sha256, "device": str(dev), "machine": machine_name(dev), "versions": versions()})
+        "dataset_sha256": data.sha256, "device": str(dev), **provenance(dev), "versions": versions()})
     print(summary(cert))
     print(f"results: {path}")
     return report_sandwich(sw.build_sandwich(sw.load_certificate(path), against), args.out) if against else 0
@@ -210,9 +210,9 @@ def report_sandwich(s: dict[str, Any], out: str | Path) -> int:
 def cmd_active_test(args: argparse.Namespace) -> None:
     from ..attacks import parse_attack_list
     from ..data import load_cifar10
-    from ..devices import machine_name, resolve_device
+    from ..devices import resolve_device
     from ..evaluation.active_test import active_test, summary
-    from ..evaluation.evaluate import versions
+    from ..evaluation.evaluate import provenance, versions
     from ..evaluation.experiment import weights_hash
     from ..store import write_json
 
@@ -229,7 +229,7 @@ def cmd_active_test(args: argparse.Namespace) -> None:
     res = active_test(clf, data.test.floats(), data.test.y, eps[0], specs, n_points=args.n_points,
                       seed=args.seed or 0, progress=not args.quiet)
     res = {"model": name, "weights_hash": weights_hash(clf), "dataset_sha256": data.sha256, "device": str(dev),
-           "machine": machine_name(dev), "versions": versions(), **res}
+           **provenance(dev), "versions": versions(), **res}
     path = Path(args.out) / f"active-{name}-{res['weights_hash']}-eps{eps[0] * 255:g}.json"
     write_json(path, res)
     print(summary(res))

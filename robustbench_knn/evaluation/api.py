@@ -25,7 +25,7 @@ from ..defenses.defense import BaseClassifier, KNNDefense, as_classifier
 from ..norms import parse_norm
 from ..store import write_json
 from .cards import annotate_reliability, card_of, model_card
-from .evaluate import run_attacks, versions
+from .evaluate import provenance, run_attacks, versions
 from .experiment import DATASET_NAME, cell_dir, defense_cells
 
 __all__ = ["BenchmarkResult", "benchmark", "model_card", "require_knn", "suite_note"]
@@ -184,7 +184,8 @@ def benchmark(model: Any, *, n_examples: int = 1000, eps: float = 8 / 255, attac
     annotate_reliability(res, clf, x[:batch_size].to(dev), cells)
     cell = res["per_eps"][0]
     raw = {"name": name, "dataset": DATASET_NAME, "dataset_sha256": data.sha256, "eps": float(eps), "seed": seed,
-           "device": str(dev), "versions": versions(), "attacks": [s.key for s in specs], "labels": y.tolist(),
+           "device": str(dev), "versions": versions(), **provenance(dev), "attacks": [s.key for s in specs],
+           "labels": y.tolist(),
            "processes": part.world if part.group else 1, "surrogate": getattr(clf, "surrogate_name", "logits"),
            "backbone": getattr(clf, "backbone", None),
            "aligned": getattr(clf, "aligned", None),

@@ -35,7 +35,7 @@ from .audit_checks import (
 from .cards import save_audit_record
 from .certify import CERTIFIED, certified_sweep
 from .checks import binomial_tol, family_of
-from .evaluate import robust_mask, run_attacks, versions
+from .evaluate import provenance, robust_mask, run_attacks, versions
 
 QUICK_STANDARD = ("kfgsm", "aa:apgd")
 SWEEP_EPS = tuple(e / 255 for e in (0, 4, 8, 16, 32, 64))
@@ -314,5 +314,5 @@ def audit_classifier(clf: torch.nn.Module, data: Any, eps: float, *, name: str, 
     return {"model": name, "config": config, "config_hash": config_hash, "weights_hash": weights_hash(clf),
             "dataset": DATASET_NAME,
             "dataset_sha256": data.sha256, "surrogate": getattr(clf, "surrogate_name", "logits"), "quick": quick,
-            "seed": seed, "device": str(clf.device), "versions": versions(),
+            "seed": seed, "device": str(clf.device), "versions": versions(), **provenance(clf.device),
             "backbone": getattr(clf, "backbone", None), **result}

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..attacks import AttackSpec, input_gradient
+from ..devices import machine_name
 from ..norms import distance
 from ..store import read_json, write_json
 from .distributed import SINGLE, Partition, all_gather, current, seed_batch
@@ -97,6 +99,15 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+COMMAND: list[str] = []  # the CLI's own command line, set by ``cli.main`` (else the process's argv is recorded)
+
+
+def provenance(device: torch.device | str) -> dict[str, str]:
+    """Where and how a result was made: the machine (GPU name, or CPU model and cores) and the command line."""
+    argv = COMMAND or [Path(sys.argv[0]).name, *sys.argv[1:]]
+    return {"machine": machine_name(device), "command": " ".join(argv)}
 
 
 def _fingerprint(*parts: Any) -> str:

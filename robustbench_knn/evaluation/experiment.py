@@ -22,7 +22,7 @@ from ..paper.train import train_model
 from ..store import model_dir, state_digest, write_json, write_text
 from .cards import annotate_reliability, card_of, eps_label
 from .distributed import current
-from .evaluate import predict_split, run_attacks, versions
+from .evaluate import predict_split, provenance, run_attacks, versions
 
 DATASET_NAME = f"{DATASET_LABEL} (JPEG q75)"
 
@@ -104,6 +104,7 @@ def evaluate_classifier(clf: torch.nn.Module, data: Any, specs: list[AttackSpec]
         "batch_size": batch_size, "surrogate": getattr(clf, "surrogate_name", "logits"),
         # None for a logit classifier: its logits are its own, there is nothing to align
         "aligned": getattr(clf, "aligned", None), "device": str(clf.device), "versions": versions(),
+        **provenance(clf.device),
         "attacks": [s.key for s in specs], "eps": eps_list, **attacked,
         "processes": part.world if part.group else 1,
         **({"shard": {"index": part.rank, "count": part.world}} if part.shard else {}),

@@ -26,7 +26,7 @@ from ..paper.classifier import build_classifier
 from ..paper.train import train_model
 from ..store import read_json, write_json, write_text
 from .distributed import current
-from .evaluate import robust_mask, run_attacks, versions
+from .evaluate import provenance, robust_mask, run_attacks, versions
 from .experiment import DATASET_NAME, _eps_label, cell_dir
 
 PAPER = {8: 45.48, 16: 35.69}  # the paper's Table 1 robust accuracy of FULL at ε = 8/255, 16/255
@@ -93,7 +93,7 @@ def compare_classifiers(clfs: dict[str, torch.nn.Module], data: Any, eps_list: l
     result: dict[str, Any] = {
         "model": name, "config_hash": config_hash, "k": getattr(first, "k", None), "dataset": DATASET_NAME,
         "dataset_sha256": data.sha256, "n_test": len(x), "seed": seed, "device": str(first.device).split(":")[0],
-        "versions": versions(), "eps": eps_list, "surrogates": surrogates, "cells": [],
+        "versions": versions(), **provenance(first.device), "eps": eps_list, "surrogates": surrogates, "cells": [],
         "aligned": bool(getattr(first, "aligned", False)), "threat_model": norm,
     }
     t0 = time.perf_counter()
