@@ -194,6 +194,11 @@ def test_deep_knn_subject_on_row_a_features(tiny_data_dir, tiny_data, cache_dir)
     with torch.no_grad():
         head = (trained.net(x).argmax(1) == tiny_data.test.y).float().mean().item()
     assert b["model"] == "a" and b["dataset_sha256"] == tiny_data.sha256 and len(b["weights_hash"]) == 12
+    # the hash row A's own results carry (planted bug caught: the bare network's digest, another name for row A)
+    from robustbench_knn.evaluation.experiment import weights_hash
+    from robustbench_knn.paper.classifier import build_classifier
+
+    assert b["weights_hash"] == weights_hash(build_classifier(trained))
     assert b["head_clean_acc"] == round(100 * head, 2)
     other = deep_knn_a(str(tiny_data_dir), k=5, device="cpu", cache_dir=str(cache_dir), sets=[*sets, "train.seed=1"])
     assert other.backbone["weights_hash"] != b["weights_hash"]
