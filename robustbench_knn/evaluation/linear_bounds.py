@@ -22,6 +22,9 @@ from ..defenses.subjects import Penultimate, Pixels
 from ..paper.model import IdRes, IdResNet
 
 LINEAR_OK = (nn.Linear, nn.ReLU, nn.Flatten, nn.Identity, Pixels, nn.Sequential, IdRes)
+# the backward pass costs one product per output coordinate and layer: a wide embedding (deep k-NN's 2048
+# penultimate features) would cost thousands of forward passes per image, so it keeps its IBP box
+MAX_OUTPUTS = 256
 
 
 @dataclass
@@ -35,11 +38,18 @@ class Linear:
 
 
 def supported(m: nn.Module) -> bool:
+    """Linear bounds apply: every layer after the input normalisation is Linear or ReLU (or a residual of them),
+    and the output has at most ``MAX_OUTPUTS`` coordinates."""
+    linears = [x for x in nn.Sequential(*_layers(m)).modules() if isinstance(x, nn.Linear)]
+    return bool(linears) and linears[-1].out_features <= MAX_OUTPUTS and _layer_types_ok(m)
+
+
+def _layer_types_ok(m: nn.Module) -> bool:
     if isinstance(m, (IdResNet, Penultimate)):
         net = m.net if isinstance(m, Penultimate) else m
-        return isinstance(net, IdResNet) and all(supported(d) for d in net.dec) and supported(net.cl)
+        return isinstance(net, IdResNet) and all(_layer_types_ok(d) for d in net.dec) and _layer_types_ok(net.cl)
     if isinstance(m, (nn.Sequential, IdRes)):
-        return all(supported(c) for c in (m.branch if isinstance(m, IdRes) else m))
+        return all(_layer_types_ok(c) for c in (m.branch if isinstance(m, IdRes) else m))
     return isinstance(m, LINEAR_OK)
 
 
@@ -91,9 +101,9 @@ def linear_bounds(m: nn.Module, lo: torch.Tensor, hi: torch.Tensor, relus: list[
     layer reads (for an IdResNet: its normalised input), given ``relus``: every ReLU's input bounds in the order
     the IBP pass applied them (``bounds.propagate``); None where a layer is not supported. Rows in chunks, so
     that A (rows, O, widest layer) holds at most ``max_elements``."""
-    layers = nn.Sequential(*_layers(m))
-    if not supported(m) or not any(isinstance(x, nn.Linear) for x in layers.modules()):
+    if not supported(m):
         return None
+    layers = nn.Sequential(*_layers(m))
     n_out = _out_dim(layers)
     width = max([lo.shape[1]] + [r[0].shape[1] for r in relus])
     rows = max(1, max_elements // (n_out * width))
