@@ -66,6 +66,16 @@ def test_rows_take_the_lowest_attack_figure_per_eps_on_common_points(files):
     assert (s["model"], s["weights_hash"], s["norm"], s["n_certificate"]) == ("m", HASH, "Linf", 4)
 
 
+def test_curves_hold_every_eps_of_each_side(files):
+    # planted: the plot's curves cut to the shared ε (the certificate's 1/255 and the audit's 16/255 dropped), or the
+    # highest attack figure per ε instead of the lowest
+    f = files(cert=certificate(eps=(1 / 255, E8), certified=((1, 1, 1, 0), (1, 0, 0, 0))), audit=audit(),
+              evaluate=evaluate())
+    curves = sandwich(f["cert"], [f["audit"], f["evaluate"]])["curves"]
+    assert curves["certified"] == [[pytest.approx(1 / 255), 75.0], [pytest.approx(E8), 25.0]]
+    assert [(round(e * 255), a) for e, a in curves["worst case"]] == [(2, 75.0), (8, 25.0), (16, 0.0)]
+
+
 def test_audit_alone_uses_its_curve_and_its_per_sample_worst_case(files):
     # planted: the audit's per-sample worst case at the audited ε ignored, or its curve points at other ε dropped
     f = files(cert=certificate(), audit=audit())

@@ -67,20 +67,24 @@ def plot_eps_curves(curves: dict[str, list[tuple[float, float]]], path: str | os
 
 
 def plot_sandwich(rows: list[dict[str, Any]], path: str | os.PathLike, *, norm: str = "Linf", title: str = "",
-                  violations: list[float] | tuple[float, ...] = ()) -> Path:
+                  violations: list[float] | tuple[float, ...] = (),
+                  curves: dict[str, list[list[float]]] | None = None) -> Path:
     """Certified accuracy (lower curve) and the attacks' worst case (upper curve) vs ε, the band between them (where
-    the true robust accuracy lies) shaded; ``rows`` hold eps, certified_acc, worst_case_acc; ε in
+    the true robust accuracy lies) shaded at the ε both hold; ``rows`` hold eps, certified_acc, worst_case_acc;
+    ``curves`` ("certified", "worst case": [[ε, %], ...]), where given, draw each side at all of its own ε; ε in
     ``violations`` (a certified figure above the worst case or a certified point broken) marked in red."""
     scale, xlabel = _eps_axis(norm)
     rows = sorted(rows, key=lambda r: r["eps"])
     e = [r["eps"] * scale for r in rows]
     lo, hi = [r["certified_acc"] for r in rows], [r["worst_case_acc"] for r in rows]
+    lines = {k: ([p[0] * scale for p in v], [p[1] for p in v]) for k, v in (curves or {}).items() if v}
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.fill_between(e, lo, hi, color="tab:blue", alpha=0.2, label="robust accuracy lies here")
     ax.vlines(e, [min(a, b) for a, b in zip(lo, hi)], [max(a, b) for a, b in zip(lo, hi)], color="tab:blue",
               alpha=0.4)
-    ax.plot(e, hi, marker="o", color="black", linestyle="--", linewidth=2, label="worst case of the attacks (upper)")
-    ax.plot(e, lo, marker="s", color="tab:green", linewidth=2, label="certified (lower)")
+    ax.plot(*lines.get("worst case", (e, hi)), marker="o", color="black", linestyle="--", linewidth=2,
+            label="worst case of the attacks (upper)")
+    ax.plot(*lines.get("certified", (e, lo)), marker="s", color="tab:green", linewidth=2, label="certified (lower)")
     bad = [i for i, r in enumerate(rows) if r["eps"] in set(violations)]
     if bad:
         ax.scatter([e[i] for i in bad], [lo[i] for i in bad], marker="x", s=120, color="red", zorder=5,

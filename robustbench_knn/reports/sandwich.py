@@ -221,7 +221,20 @@ def build_sandwich(cert: Result, sources: Sequence[Result]) -> dict[str, Any]:
             "attack_results": [{"file": str(s.path), "kind": s.kind, "n": s.n, "model": s.model,
                                 "weights_hash": s.weights_hash} for s in sources],
             "weights_unchecked": bool(unchecked), "weights_unchecked_files": unchecked,
-            "n_differs": any(r["n_differs"] for r in rows), "rows": rows, "violations": violations}
+            "n_differs": any(r["n_differs"] for r in rows), "rows": rows, "violations": violations,
+            "curves": _curves(cert, sources)}
+
+
+def _curves(cert: Result, sources: Sequence[Result]) -> dict[str, list[list[float]]]:
+    """Every certified figure and every attack figure against ε, shared ε or not (the plot draws both whole):
+    per ε the lowest attack figure of any source."""
+    attacked: dict[float, float] = {}
+    for src in sources:
+        for a in src.points:
+            key = next((e for e in attacked if same_eps(e, a.eps)), a.eps)
+            attacked[key] = min(attacked.get(key, a.acc), a.acc)
+    return {"certified": [[p.eps, round(p.acc, 2)] for p in sorted(cert.points, key=lambda p: p.eps)],
+            "worst case": [[e, round(a, 2)] for e, a in sorted(attacked.items())]}
 
 
 COLUMNS = ["eps", "eps_label", "certified_acc", "worst_case_acc", "gap", "n_certified", "n_attacked", "per_point",
@@ -274,6 +287,7 @@ def save_sandwich(s: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
     write_text(paths[1], render_csv(s))
     write_json(paths[2], s)
     plot_sandwich(s["rows"], paths[3], norm=s["norm"], violations=[v["eps"] for v in s["violations"]],
+                  curves=s.get("curves"),
                   title=f"{s['model']} ({s['weights_hash']}), {DATASET_NAME}: certified ≤ robust ≤ worst case")
     return paths
 
