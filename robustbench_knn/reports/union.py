@@ -4,7 +4,7 @@ their breaks, and it is at most the lowest of them (two runs that break differen
 leave 0%).
 
 Runs are joined only on the images all of them attacked: every run of this project attacks the first N test
-images, so the union is taken over the runs that share the largest N among those with per-image data.
+images, so the union is taken over the runs that share the largest N that two or more of them attacked.
 """
 
 from __future__ import annotations
@@ -46,14 +46,16 @@ def per_sample(result: dict[str, Any] | None, kind: str, eps_value: float) -> Pe
 
 
 def union(runs: list[tuple[str, PerSample]]) -> tuple[float, float, int, list[str]] | None:
-    """(worst case %, clean %, n, labels of the runs joined) over the runs sharing the largest n; None unless at
-    least two runs share it."""
+    """(worst case %, clean %, n, labels of the runs joined) over the runs sharing the largest n that at least two
+    runs share; None where no two runs attacked the same number of images."""
     if not runs:
         return None
-    n = max(len(p.robust) for _, p in runs)
-    joined = [(label, p) for label, p in runs if len(p.robust) == n]
-    if len(joined) < 2:
+    sizes = [len(p.robust) for _, p in runs]
+    shared = [n for n in set(sizes) if sizes.count(n) >= 2]
+    if not shared:
         return None
+    n = max(shared)
+    joined = [(label, p) for label, p in runs if len(p.robust) == n]
     robust = [int(all(p.robust[i] for _, p in joined)) for i in range(n)]
     clean = joined[0][1].clean
     return round(100 * sum(robust) / n, 2), round(100 * sum(clean) / n, 2), n, [label for label, _ in joined]
