@@ -9,8 +9,9 @@ about one embedding for both: far tighter where the box is wide.
 The argument: let S be m = ⌊k/2⌋ + 1 bank points of the true class y and R = max_{a∈S} ‖e − a‖, and N the
 bank points at most R away (S ⊆ N). If |N| ≥ k, the k selected points all lie in N; else all of N, S with it,
 is selected. Either way at least m selected points are of class y (a strict majority: every other class gets
-at most k − m < m votes, so no tie rule is reached) unless more than k − m points of other classes lie in N. A point b of another class can be at most R away only if
-it is at least as near as some a in S, for some e in the set: its bisector's maximum is ≥ 0. So: certified if
+at most k − m < m votes, so no tie rule is reached) unless more than k − m points of other classes lie in N.
+A point b of another class can be at most R away only if it is at least as near as some a in S, for some e in the
+set: its bisector's maximum is ≥ 0. So: certified if
 #{b of another class : max over the set of ‖e − a‖² − ‖e − b‖² ≥ 0 for some a ∈ S} ≤ k − m.
 S is the m true-class points with the smallest distance upper bound, and only the other-class points whose
 distance lower bound is at most the largest of those upper bounds are tried (any other is never as near).

@@ -97,18 +97,18 @@ def _certify_batch(defense: KNNDefense, x: torch.Tensor, y: torch.Tensor, eps: l
     n = len(x)
     alive = torch.ones(n, dtype=torch.bool)
     best = torch.zeros(n, dtype=torch.float64)  # the largest radius each point is certified at so far
-    fail = torch.full((n,), float(radius_max), dtype=torch.float64)  # the smallest radius it failed at
-    known = torch.zeros(n, dtype=torch.bool)  # certified at ``best`` (False: nothing certified yet)
+    # the smallest radius it failed at: 0 for a point not even certified at ε = 0, the ladder's first rung
+    fail = torch.full((n,), float(radius_max), dtype=torch.float64)
     done: dict[float, torch.Tensor] = {}
     for e in sorted({*eps, 0.0, float(radius_max)}):
         rows = alive.nonzero().squeeze(1)
         if len(rows):
             ok = certified_at(defense, x[rows], y[rows], e, norm)
-            best[rows[ok]], known[rows[ok]] = e, True
+            best[rows[ok]] = e
             fail[rows[~ok]] = e
             alive[rows[~ok]] = False
         done[e] = alive.clone()
-    radius = certified_radius(defense, x, y, norm, best, torch.where(known, fail, torch.zeros_like(fail)), steps)
+    radius = certified_radius(defense, x, y, norm, best, fail, steps)
     return torch.stack([done[e] for e in eps]), radius.clamp_max(radius_max)
 
 

@@ -40,8 +40,7 @@ class Linear:
 def supported(m: nn.Module) -> bool:
     """Linear bounds apply: every layer after the input normalisation is Linear or ReLU (or a residual of them),
     and the output has at most ``MAX_OUTPUTS`` coordinates."""
-    linears = [x for x in nn.Sequential(*_layers(m)).modules() if isinstance(x, nn.Linear)]
-    return bool(linears) and linears[-1].out_features <= MAX_OUTPUTS and _layer_types_ok(m)
+    return 0 < _out_dim(nn.Sequential(*_layers(m))) <= MAX_OUTPUTS and _layer_types_ok(m)
 
 
 def _layer_types_ok(m: nn.Module) -> bool:
@@ -121,6 +120,6 @@ def linear_bounds(m: nn.Module, lo: torch.Tensor, hi: torch.Tensor, relus: list[
 
 
 def _out_dim(m: nn.Module) -> int:
-    """The output width: the last Linear's (an IdRes without identity, or with, outputs out_dim)."""
+    """The output width: the last Linear's (an IdRes without identity, or with, outputs out_dim); 0 without one."""
     linears = [x for x in m.modules() if isinstance(x, nn.Linear)]
-    return linears[-1].out_features
+    return linears[-1].out_features if linears else 0

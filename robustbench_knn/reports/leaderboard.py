@@ -29,10 +29,10 @@ from ..store import read_json, write_text
 from .union import PerSample, per_sample, union
 
 CARD_SUFFIX = ".model-card.json"
-THREAT_ORDER = ("Linf", "L2")
+THREAT_ORDER = ("Linf", "L2")  # RobustBench's order; any other threat model follows, alphabetically
 WORST_CASE_TEXT = ("the lowest robust accuracy any run reached on the model at that ε (per-sample worst case over "
                    "every attack of the run; an audit's upper bound), or, lower still, the per-image union of the "
-                   "breaks of the runs on the same images")  # RobustBench's order; any other threat model follows, alphabetically
+                   "breaks of the runs on the same images")
 
 
 class UnreadableCard(Exception):
