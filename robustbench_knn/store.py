@@ -49,6 +49,18 @@ def model_dir(cfg: ExperimentConfig, cache_dir: str | os.PathLike | None = None,
     return own
 
 
+def fingerprint(*parts: Any) -> str:
+    """12 hex digits of tensors (by value) and JSON-able values: names a cached result (an attack cell, a
+    certified batch), so a changed input or setting never finds an old one."""
+    h = hashlib.sha256()
+    for part in parts:
+        if torch.is_tensor(part):
+            h.update(part.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:12]
+
+
 def state_digest(module: torch.nn.Module) -> str:
     """12 hex digits of a module's weights and buffers, by name and value: names a model that has no config (a
     user's defense, an exported file, a subject's backbone)."""

@@ -125,6 +125,34 @@ def test_the_radius_ladder_gives_what_each_radius_alone_gives(toy):
         assert any(c.any() and not c.all() for c in cert.certified)  # a ladder with something to skip
 
 
+def test_a_killed_certify_resumes_from_its_kept_batches(tmp_path, monkeypatch):
+    """certify(batch_dir=...) keeps each finished batch and reuses it for the same question only: the same images,
+    radii and decision rule come back unchanged without recomputing; other radii or another k are computed."""
+    defense, x = toy_identity(3), points(40)
+    y = defense.predict(x)
+    first = certify(defense, x, y, [0.02, 0.05], "Linf", steps=4, batch_size=16, batch_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 3
+    real, calls = certify_module._certify_batch, []
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[1]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(certify_module, "_certify_batch", counted)
+    again = certify(defense, x, y, [0.02, 0.05], "Linf", steps=4, batch_size=16, batch_dir=tmp_path)
+    assert calls == [] and again.extra["reused_batches"] == 3
+    assert torch.equal(again.certified, first.certified) and torch.equal(again.radius, first.radius)
+    assert again.seconds == pytest.approx(first.seconds)
+    certify(defense, x, y, [0.01, 0.05], "Linf", steps=4, batch_size=16, batch_dir=tmp_path)
+    assert calls == [16, 16, 8]  # other radii: a new question
+    certify(toy_identity(1), x, y, [0.02, 0.05], "Linf", steps=4, batch_size=16, batch_dir=tmp_path)
+    assert calls == [16, 16, 8] * 2  # same bank, another k: another decision
+    moved = x.clone()
+    moved[20] = moved[20] / 2
+    certify(defense, moved, y, [0.02, 0.05], "Linf", steps=4, batch_size=16, batch_dir=tmp_path)
+    assert calls == [16, 16, 8] * 2 + [16]  # one image moved, same labels: only its batch is a new question
+
+
 def distance_to_cell(x: torch.Tensor, bank: torch.Tensor, j: int) -> float:
     """Exact ℓ2 distance from ``x`` to the Voronoi cell of bank point j (2-D): the nearest point of a convex
     polygon is ``x`` itself, its projection on an edge's line or a vertex; every feasible candidate is tried."""

@@ -166,7 +166,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     from ..evaluation.certify import certify, save_certificate, summary
     from ..evaluation.evaluate import provenance, versions
     from ..reports import sandwich as sw
-    from ..store import state_digest
+    from ..store import cache_root, state_digest
 
     norm, eps = _threat(args)
     if not 1 <= args.n_test <= TEST_SET_SIZE:
@@ -185,8 +185,9 @@ def cmd_certify(args: argparse.Namespace) -> int:
     for src in against:  # other weights or data: refused before certifying
         sw.check_compatible(src, norm=norm, model=name, weights_hash=state_digest(clf), dataset_sha256=data.sha256,
                             what="this certificate")
+    kept = cache_root(args.cache_dir) / "defenses" / state_digest(clf) / "certify"  # a killed run resumes
     cert = certify(clf, data.test.floats()[:args.n_test], data.test.y[:args.n_test], eps, norm, steps=args.steps,
-                   batch_size=args.batch_size, progress=not args.quiet)
+                   batch_size=args.batch_size, progress=not args.quiet, batch_dir=kept)
     path = save_certificate(cert, args.out, model=name, defense=clf, info={
         "dataset_sha256": data.sha256, "device": str(dev), **provenance(dev), "versions": versions()})
     print(summary(cert))

@@ -33,9 +33,10 @@ from tqdm.auto import tqdm
 
 from ..config import UsageError
 from ..defenses.defense import KNNDefense
-from ..store import state_digest, write_json, write_text
+from ..store import fingerprint, read_json, state_digest, write_json, write_text
 from .bisector import bisector_certified
 from .bounds import distance_intervals, is_identity, threat_boxes
+from .evaluate import versions
 from .linear_bounds import supported
 
 
@@ -138,21 +139,45 @@ def _check(defense: Any, norm: str, eps: Sequence[float]) -> None:
         raise UsageError(f"eps must be >= 0, not {list(eps)}")
 
 
+def batch_key(defense: KNNDefense, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float], norm: str,
+              radius_max: float, steps: int) -> str:
+    """Names one batch's certificate: its images and labels, the radii, the bisection, the decision rule (k,
+    metric, sub-spaces) and the package versions. With the defense's weights hash in the folder (the caller's),
+    a kept batch is reused only for exactly the question it answered, by the same code."""
+    rule = [int(defense.k), str(defense.metric), int(getattr(defense, "n_spaces", 1))]
+    return fingerprint(list(eps), norm, radius_max, steps, rule, versions(), x.float(), torch.as_tensor(y).long())
+
+
 def certify(defense: KNNDefense, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float],
             norm: str = "Linf", *, radius_max: float | None = None, steps: int = 10,
-            batch_size: int = 100, progress: bool = False) -> Certificate:
+            batch_size: int = 100, progress: bool = False, batch_dir: str | Path | None = None) -> Certificate:
     """Certify each row of ``x`` (images in [0, 1]) with label ``y`` at every ε in ``eps``, and bisect its
-    certified radius in [0, ``radius_max``] (default: twice the largest ε, at most 1 for ℓ∞)."""
+    certified radius in [0, ``radius_max``] (default: twice the largest ε, at most 1 for ℓ∞).
+
+    ``batch_dir``: each finished batch is kept there (:func:`batch_key`) and a later call reuses it, so a long run
+    killed half-way resumes at its next batch; ``seconds`` stays the certificates' own compute time."""
     eps = [float(eps)] if isinstance(eps, (int, float)) else [float(e) for e in eps]
     _check(defense, norm, eps)
     if radius_max is None:
         radius_max = 2 * max(eps) if norm == "L2" else min(1.0, 2 * max(eps))
     y = torch.as_tensor(y).long()
-    start = time.perf_counter()
+    seconds, reused = 0.0, 0
     cert, radius = [], []
     for s in tqdm(range(0, len(x), batch_size), desc="certify", unit="batch", disable=not progress):
-        c, r = _certify_batch(defense, x[s:s + batch_size].float(), y[s:s + batch_size], eps, norm, radius_max,
-                              steps)
+        xb, yb = x[s:s + batch_size].float(), y[s:s + batch_size]
+        file = (Path(batch_dir) / f"{batch_key(defense, xb, yb, eps, norm, radius_max, steps)}.json"
+                if batch_dir is not None else None)
+        if file is not None and file.is_file():
+            kept = read_json(file)
+            c, r = torch.tensor(kept["certified"], dtype=torch.bool), torch.tensor(kept["radius"], dtype=torch.float64)
+            seconds, reused = seconds + kept["seconds"], reused + 1
+        else:
+            start = time.perf_counter()
+            c, r = _certify_batch(defense, xb, yb, eps, norm, radius_max, steps)
+            took = time.perf_counter() - start
+            seconds += took
+            if file is not None:
+                write_json(file, {"certified": c.int().tolist(), "radius": r.tolist(), "seconds": took})
         cert.append(c)
         radius.append(r)
     certified = torch.cat(cert, 1) if cert else torch.zeros(len(eps), 0, dtype=torch.bool)
@@ -160,8 +185,8 @@ def certify(defense: KNNDefense, x: torch.Tensor, y: torch.Tensor, eps: float | 
               else "interval bound propagation (IBP)" + (" ∩ linear bounds (CROWN-IBP)" if supported(defense.net)
                                                         else "") + " of the embedding") + " + pessimistic vote" + (
         "; else pairwise bisectors over the same set" if defense.n_spaces == 1 else "")
-    return Certificate(eps, norm, certified, torch.cat(radius) if radius else torch.zeros(0),
-                       time.perf_counter() - start, method, {"radius_max": radius_max, "bisection_steps": steps})
+    extra = {"radius_max": radius_max, "bisection_steps": steps, **({"reused_batches": reused} if reused else {})}
+    return Certificate(eps, norm, certified, torch.cat(radius) if radius else torch.zeros(0), seconds, method, extra)
 
 
 CERTIFIED = "certified (lower bound)"  # the audit's curve of certified accuracy against ε

@@ -10,8 +10,6 @@ correctly classified clean and survives every attack run at that ε (the per-sam
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import platform
 import sys
@@ -27,7 +25,7 @@ from tqdm.auto import tqdm
 from ..attacks import AttackSpec, input_gradient
 from ..devices import machine_name
 from ..norms import distance
-from ..store import read_json, write_json
+from ..store import fingerprint, read_json, write_json
 from .distributed import SINGLE, Partition, all_gather, current, seed_batch
 
 TOL = 1e-6  # float32 slack on the ε-ball and [0, 1] checks
@@ -110,25 +108,14 @@ def provenance(device: torch.device | str) -> dict[str, str]:
     return {"machine": machine_name(device), "command": " ".join(argv)}
 
 
-def _fingerprint(*parts: Any) -> str:
-    """Short hash of tensors and JSON-able values: names a cached result cell."""
-    h = hashlib.sha256()
-    for part in parts:
-        if torch.is_tensor(part):
-            h.update(part.detach().cpu().contiguous().numpy().tobytes())
-        else:
-            h.update(json.dumps(part, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:12]
-
-
 def cell_seed(seed: int, eps: float, key: str) -> int:
     """Each (ε, attack) cell draws from its own seed, so a resumed run equals an uninterrupted one."""
-    return int(_fingerprint(seed, round(eps, 8), key)[:8], 16)
+    return int(fingerprint(seed, round(eps, 8), key)[:8], 16)
 
 
 def batch_seed(cell: int, batch: int) -> int:
     """Each global batch of a cell draws from its own seed, so it gives the same outcome on any rank or shard."""
-    return int(_fingerprint(cell, batch)[:8], 16)
+    return int(fingerprint(cell, batch)[:8], 16)
 
 
 SEEDING = "per-batch"  # in every cell's name: cells of the older per-cell seeding are never mixed in
@@ -190,7 +177,7 @@ def run_attacks(
     # setting that changes an outcome (decision rule, surrogate and its parameters, loss constants) and the
     # versions of this package and the toolkits: a fixed bug or a new release never serves an old outcome
     settings = clf.settings() if hasattr(clf, "settings") else {"class": type(clf).__name__}
-    data_fp = (_fingerprint(x, y, batch_size, settings, versions(), *clf.state_dict().values())
+    data_fp = (fingerprint(x, y, batch_size, settings, versions(), *clf.state_dict().values())
                if cell_dir is not None else "")
     cells: dict[tuple[float, str], dict[str, Any]] = {}
     n_batches = (len(idx) + batch_size - 1) // batch_size
@@ -205,7 +192,7 @@ def run_attacks(
                 idx = torch.nonzero(survivors).squeeze(1)
             path = None
             if cell_dir is not None:
-                key = _fingerprint(data_fp, params, seed, SEEDING, VALIDITY, *((idx,) if cascade else ()),
+                key = fingerprint(data_fp, params, seed, SEEDING, VALIDITY, *((idx,) if cascade else ()),
                                    *((norm,) if norm != "Linf" else ()))  # ℓ∞ cells keep their earlier names
                 name = f"{spec.key.replace(':', '_')}-{'' if norm == 'Linf' else norm + '-'}eps{eps:.6f}-{key}"
                 path = Path(cell_dir) / f"{name}.json"
