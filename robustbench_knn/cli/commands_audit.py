@@ -182,10 +182,11 @@ def cmd_certify(args: argparse.Namespace) -> int:
     dev = resolve_device(args.device)
     data = load_cifar10(args.data_dir)
     clf, name = _built_model(args, data, dev)
+    digest = state_digest(clf)  # hashes the whole bank: once
     for src in against:  # other weights or data: refused before certifying
-        sw.check_compatible(src, norm=norm, model=name, weights_hash=state_digest(clf), dataset_sha256=data.sha256,
+        sw.check_compatible(src, norm=norm, model=name, weights_hash=digest, dataset_sha256=data.sha256,
                             what="this certificate")
-    kept = cache_root(args.cache_dir) / "defenses" / state_digest(clf) / "certify"  # a killed run resumes
+    kept = cache_root(args.cache_dir) / "defenses" / digest / "certify"  # a killed run resumes
     cert = certify(clf, data.test.floats()[:args.n_test], data.test.y[:args.n_test], eps, norm, steps=args.steps,
                    batch_size=args.batch_size, progress=not args.quiet, batch_dir=kept)
     path = save_certificate(cert, args.out, model=name, defense=clf, info={
