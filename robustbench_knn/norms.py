@@ -49,10 +49,10 @@ def project(x_adv: torch.Tensor, x0: torch.Tensor, eps: float, norm: str = "Linf
 
 def l2_rounding_margin(x0: torch.Tensor) -> float:
     """How far inside the ℓ2 ball a projection aims so that rounding cannot carry the example outside it: forming
-    ``x0 + δ`` in ``x0``'s dtype moves each pixel in [0, 1] by at most half a unit in the last place of 1, so
-    ‖x_adv − x0‖₂ can exceed ‖δ‖₂ by √d of those (1.7e-6 for a 3072-pixel float32 image, above the judge's
-    1e-6 slack). The margin is four times that bound, leaving room for the judge's own rounding; it is 1.3e-5
-    of ε = 0.5."""
+    ``x0 + δ`` in ``x0``'s dtype moves each pixel in [0, 1] by at most half a unit in the last place of numbers
+    just below 1 (2⁻²⁵ in float32), so ‖x_adv − x0‖₂ can exceed ‖δ‖₂ by √d of those (1.7e-6 for a 3072-pixel
+    float32 image, above the judge's 1e-6 slack). The margin is four times that bound, leaving room for the
+    judge's own rounding; it is 1.3e-5 of ε = 0.5."""
     d = x0[0].numel() if x0.dim() > 0 else 1
     return d ** 0.5 * torch.finfo(x0.dtype).eps
 
