@@ -14,6 +14,7 @@ from robustbench_knn.config import UsageError
 from robustbench_knn.defenses.defense import KNNDefense
 from robustbench_knn.evaluation import evaluate as ev
 from robustbench_knn.evaluation.api import benchmark, resolve_attacks
+from robustbench_knn.evaluation.audit_checks import model_checks
 from robustbench_knn.evaluation.checks import binomial_tol
 from robustbench_knn.evaluation.evaluate import run_attacks
 
@@ -176,6 +177,19 @@ def test_aligned_logits_change_a_toolkits_result(tiny_clf, tiny_data):
     assert plain["surrogate_fooled_decision_right"] > 0
     assert aligned["surrogate_fooled_decision_right"] == 0
     assert aligned["robust_acc"] < plain["robust_acc"] - 30
+
+
+def test_the_audit_checks_the_surrogates_own_agreement_not_the_aligned_logits(tiny_clf, tiny_data):
+    # planted bug caught: the audit comparing the aligned forward with the vote (100% by construction, so a
+    # surrogate that disagrees with the vote everywhere passed)
+    x, y = _batch(tiny_data)
+    x = x[y != 0]
+    clf = _tiny_knn(tiny_clf, aligned=True)
+    clf.surrogate = _Lifted(clf.surrogate)
+    with torch.no_grad():
+        assert torch.equal(clf(x).argmax(1), clf.predict(x))  # aligned: what the old check compared
+    check = next(c for c in model_checks(clf, x) if c.name == "surrogate agrees with decision")
+    assert check.verdict == "WARN", check.numbers
 
 
 class _Rounded(nn.Module):

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .checks import Check, gradient_check, validity_check
+from .checks import Check, agreement_check, gradient_check, validity_check
 
 
 # --------------------------------------------------------------------------------------------------- checks
@@ -23,7 +23,7 @@ def bound_check(reported: float, bound: float, tol: float) -> Check:
                  "attacks that go after the k-NN vote itself find what the standard suite missed", decides=True)
 
 
-def model_checks(clf: torch.nn.Module, x: torch.Tensor, tol_agree: float = 90.0) -> list[Check]:
+def model_checks(clf: torch.nn.Module, x: torch.Tensor) -> list[Check]:
     """AutoAttack's check_randomized and check_range_output, and whether the surrogate agrees with the vote."""
     with torch.no_grad():
         preds = [clf.predict(x) for _ in range(3)]
@@ -36,10 +36,10 @@ def model_checks(clf: torch.nn.Module, x: torch.Tensor, tol_agree: float = 90.0)
     checks.append(Check("logits not probabilities", "WARN" if probs else "PASS",
                         f"outputs in [{out.min():.3g}, {out.max():.3g}]",
                         "CE on probabilities saturates and hides gradients (AutoAttack check_range_output)"))
-    agree = 100 * (out.argmax(1) == preds[0]).float().mean().item()
-    checks.append(Check("surrogate agrees with decision", "PASS" if agree >= tol_agree else "WARN",
-                        f"{agree:.1f}% of points",
-                        "surrogate-guided attacks aim at the surrogate's decision, not the judged one"))
+    # the surrogate's own logits: decision-aligned ones (the default forward) agree with the vote by construction
+    agreement = agreement_check(clf, x)
+    if agreement is not None:
+        checks.append(agreement)
     return checks
 
 
