@@ -53,6 +53,13 @@ def _bank_terms(sb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 _LAST_BANK: list[Any] = []  # [weak ref to the bank, its version, n_spaces, its terms]: the bank attacks step on
+_LAST_GROUPED: list[Any] = []  # [weak refs to bank and labels, their versions, n_spaces, the grouped terms]
+
+
+def _is_kept(entry: list[Any], tensors: tuple[torch.Tensor, ...], n_spaces: int) -> bool:
+    """Whether a kept entry was made from these very tensors, unedited, for this split."""
+    return (bool(entry) and all(ref() is t for ref, t in zip(entry[0], tensors))
+            and entry[1] == tuple(t._version for t in tensors) and entry[2] == n_spaces)
 
 
 def fixed_bank_terms(b: torch.Tensor, n_spaces: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +74,26 @@ def fixed_bank_terms(b: torch.Tensor, n_spaces: int) -> tuple[torch.Tensor, torc
     terms = _bank_terms(split_spaces(b, n_spaces))
     _LAST_BANK[:] = [weakref.ref(b), b._version, n_spaces, terms]
     return terms
+
+
+def grouped_bank(b: torch.Tensor, labels: torch.Tensor, n_spaces: int,
+                 n_classes: int) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], list[tuple[int, int, int]]]:
+    """The bank's rows ordered by label, as :class:`BankBlocks` terms (squared norms, matmul layout, rows split
+    into sub-spaces), and each class's columns ``(c, start, stop)`` in that order. A loss that sums over each
+    class's bank points (the §2.5 potentials) then reduces contiguous column ranges instead of multiplying
+    every block by an M × K one-hot matrix. Kept between calls like :func:`fixed_bank_terms` (its own entry,
+    so the vote's layout of the unordered bank is not evicted at every attack step)."""
+    if not b.is_inference() and not labels.is_inference() and _is_kept(_LAST_GROUPED, (b, labels), n_spaces):
+        return _LAST_GROUPED[3]
+    order = torch.argsort(labels, stable=True)
+    counts = torch.bincount(labels, minlength=n_classes).tolist()
+    starts = [sum(counts[:c]) for c in range(n_classes)]
+    segments = [(c, s, s + n) for c, (s, n) in enumerate(zip(starts, counts)) if n]
+    sb = split_spaces(b[order], n_spaces)
+    out = ((*_bank_terms(sb), sb), segments)
+    if not b.is_inference() and not labels.is_inference():
+        _LAST_GROUPED[:] = [(weakref.ref(b), weakref.ref(labels)), (b._version, labels._version), n_spaces, out]
+    return out
 
 
 class _DistanceToFixedBank(torch.autograd.Function):
@@ -103,22 +130,29 @@ class BankBlocks:
     each block lives in buffers reused across blocks, and the backward recomputes a block's distances instead of
     keeping them."""
 
-    def __init__(self, emb: torch.Tensor, bank: torch.Tensor, n_spaces: int) -> None:
+    def __init__(self, emb: torch.Tensor, bank: torch.Tensor, n_spaces: int,
+                 terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+        """``terms``: the bank's (squared norms, matmul layout, sub-spaces) when the caller keeps its own (the
+        class-ordered bank of :func:`grouped_bank`); else those of ``bank``, kept by :func:`fixed_bank_terms`."""
         self.sa = split_spaces(emb, n_spaces)  # (S, N, d)
         self.na = self.sa.pow(2).sum(-1, keepdim=True)  # (S, N, 1)
-        self.norms_b, self.sb_t = fixed_bank_terms(bank, n_spaces)  # (S, 1, M), (S, d, M)
-        self.sb = split_spaces(bank, n_spaces)  # (S, M, d)
-        n, self.m = emb.shape[0], bank.shape[0]
+        if terms is None:
+            terms = (*fixed_bank_terms(bank, n_spaces), split_spaces(bank, n_spaces))
+        self.norms_b, self.sb_t, self.sb = terms  # (S, 1, M), (S, d, M), (S, M, d)
+        n, self.m = emb.shape[0], self.sb.shape[1]
         self.width = max(64, min(self.m, BLOCK_ELEMENTS // max(1, n)))
         self.r = torch.empty((n_spaces, n, self.width), dtype=emb.dtype, device=emb.device)
         self.d = torch.empty((n, self.width), dtype=emb.dtype, device=emb.device)
         self.q = torch.empty_like(self.d)
-        self.grad_sa = torch.zeros_like(self.sa)
+        # contiguous (zeros_like would copy sa's transposed strides, and every addmm_ into it would copy back)
+        self.grad_sa = torch.zeros(self.sa.shape, dtype=emb.dtype, device=emb.device)
         self.q_rows = torch.zeros_like(self.na)  # (S, N, 1): Σ_i Q_ui per sub-space
         self.shape = emb.shape
 
-    def ranges(self):
-        return ((s, min(s + self.width, self.m)) for s in range(0, self.m, self.width))
+    def ranges(self, start: int = 0, stop: int | None = None):
+        """Blocks of at most ``width`` columns covering start..stop (the whole bank by default)."""
+        stop = self.m if stop is None else stop
+        return ((s, min(s + self.width, stop)) for s in range(start, stop, self.width))
 
     def distances(self, s: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sub-space distances (S, N, t−s) and their sum D (N, t−s) to bank columns s..t (buffers: valid until
@@ -133,13 +167,40 @@ class BankBlocks:
         """Add block s..t's share of ∂L/∂emb from ∂L/∂D: ∂D/∂a^j = (a^j − b^j)/r^j, so with Q = ∂L/∂D / r^j
         (0 where r^j = 0, a duplicate point) grad a^j = rowsum(Q)·a^j − Q·b^j."""
         for j in range(r.shape[0]):
-            q = torch.div(grad_d, r[j], out=self.q[:, :t - s]).masked_fill_(r[j] == 0, 0.0)  # NaN elsewhere stays
+            q = torch.div(grad_d, r[j], out=self.q[:, :t - s])
+            # a zero distance (a duplicate point) is rare: on the CPU one read of r finds it, instead of writing a
+            # mask and filling through it for every block; NaN elsewhere stays
+            if r.device.type != "cpu" or bool(r[j].amin() == 0):
+                q.masked_fill_(r[j] == 0, 0.0)
             self.q_rows[j] += q.sum(1, keepdim=True)
             self.grad_sa[j].addmm_(q, self.sb[j, s:t], alpha=-1)
 
     def grad(self) -> torch.Tensor:
         """∂L/∂emb (N, W) from every block :meth:`backprop` has seen."""
         return (self.grad_sa + self.q_rows * self.sa).transpose(0, 1).reshape(self.shape)
+
+
+GATHER_ELEMENTS = 1 << 22  # rows × selected points × width gathered at a time by selected_distance_grad
+
+
+def selected_distance_grad(emb: torch.Tensor, bank: torch.Tensor, sel: torch.Tensor, grad_sel: torch.Tensor,
+                           n_spaces: int) -> torch.Tensor:
+    """∂L/∂emb when ∂L/∂D is non-zero only on a few bank points per row: ``sel`` (N, P) their indices,
+    ``grad_sel`` (N, P) ∂L/∂D there. Σ_v g_uv (a_u^j − b_v^j)/‖a_u^j − b_v^j‖ over the P points (0 where the
+    distance is 0), from the differences themselves: the soft-kNN surrogate's gradient touches m points per class,
+    and a pass over all M columns for them cost as much as the forward. Rows go in chunks of at most
+    ``GATHER_ELEMENTS`` gathered values (a wide bank's P × 3072 per row)."""
+    n, width = emb.shape
+    out = torch.empty_like(emb)
+    rows = max(1, GATHER_ELEMENTS // max(1, sel.shape[1] * width))
+    for u in range(0, n, rows):
+        diff = emb[u:u + rows].unsqueeze(1) - bank[sel[u:u + rows]]  # (n', P, W)
+        diff = diff.view(*diff.shape[:2], n_spaces, width // n_spaces)
+        r = torch.linalg.vector_norm(diff, dim=-1)  # (n', P, S)
+        q = torch.where(r > 0, grad_sel[u:u + rows].unsqueeze(-1) / r, torch.zeros((), dtype=r.dtype,
+                                                                                     device=r.device))
+        out[u:u + rows] = (q.unsqueeze(-1) * diff).sum(1).reshape(-1, width)
+    return out
 
 
 def pairwise_distance(a: torch.Tensor, b: torch.Tensor, n_spaces: int, *,

@@ -18,7 +18,7 @@ def small_blocks(monkeypatch):
 
 def _data(seed, n=9, m=301, w=6, classes=4):
     g = torch.Generator().manual_seed(seed)
-    bank = torch.randn(m, w, generator=g, dtype=torch.float64) * 3
+    bank = (torch.randn(m, w, generator=g, dtype=torch.float64) * 3).float().double()  # as a float32 bank keeps it
     labels = torch.randint(0, classes, (m,), generator=g)
     emb = torch.randn(n, w, generator=g, dtype=torch.float64) * 3
     emb[0] = bank[5]  # a test point on a bank point: distance 0 in both sub-spaces
@@ -44,6 +44,24 @@ def test_blocked_potentials_match_whole_matrix_autograd(scale):
     torch.testing.assert_close(got[1], want[1], rtol=1e-7, atol=1e-7)  # rounding of near-zero distances
 
 
+def test_blocked_potentials_follow_the_labels_and_a_class_absent_from_the_bank():
+    emb, bank, labels = _data(9)
+    kw = dict(n_spaces=2, lam=0.5, l0=7.0, n_classes=5)  # class 4 has no bank point
+    upstream = torch.randn(len(emb), 5, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+
+    def both():
+        got = _value_and_grad(lambda e: potential.class_potentials(e, bank, labels, **kw), emb, upstream)
+        want = _value_and_grad(lambda e: potential._potentials_autograd(e, bank, labels, **kw), emb, upstream)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-7, atol=1e-7)
+
+    both()
+    labels[:100] = (labels[:100] + 1) % 4  # edited in place: the kept class order is stale
+    both()
+    bank.mul_(0.5)
+    both()
+
+
 def _softknn_whole_matrix(emb, bank, labels, n_spaces, m, temperature, classes):
     """The soft-kNN logits as written before the blocked path: autograd through the whole distance matrix."""
     dist = pairwise_distance(emb, bank, n_spaces)
@@ -66,6 +84,32 @@ def test_blocked_softknn_matches_whole_matrix_autograd(m):
     want = _value_and_grad(lambda e: _softknn_whole_matrix(e, bank, labels, 2, m, 0.7, 4), emb, upstream)
     torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(got[1], want[1], rtol=1e-7, atol=1e-7)  # rounding of near-zero distances
+
+
+def _softknn_by_differences(emb, bank, labels, m, temperature, classes):
+    """The soft-kNN logits with distances from the differences themselves (exact next to a bank point, where
+    ‖a‖² + ‖b‖² − 2a·b cancels)."""
+    diff = (emb.unsqueeze(1) - bank.unsqueeze(0)).view(len(emb), len(bank), 2, -1)
+    dist = torch.linalg.vector_norm(diff, dim=-1).sum(-1)
+    cols = []
+    for c in range(classes):
+        idx = torch.nonzero(labels == c).squeeze(1)
+        near = torch.topk(dist[:, idx], min(m, len(idx)), dim=1, largest=False).values
+        cols.append(torch.logsumexp(-near / temperature, dim=1))
+    return torch.stack(cols, 1)
+
+
+def test_softknn_gradient_is_the_distances_own_next_to_a_bank_point():
+    emb, bank, labels = _data(7)
+    g = torch.Generator().manual_seed(8)
+    emb[0] = bank[5] + 1e-7 * torch.randn(bank.shape[1], generator=g, dtype=torch.float64)  # nearest, not on it
+    emb[1, :3] = bank[9, :3] + 1e-7 * torch.randn(3, generator=g, dtype=torch.float64)
+    defense = KNNDefense(torch.nn.Identity(), labels, bank_embeddings=bank, k=5, metric="sum-l2:2",
+                         surrogate="softknn", m=3, temperature=0.7).double()
+    upstream = torch.randn(len(emb), 4, dtype=torch.float64, generator=g)
+    got = _value_and_grad(defense.surrogate, emb, upstream)[1]
+    want = _value_and_grad(lambda e: _softknn_by_differences(e, defense.bank, labels, 3, 0.7, 4), emb, upstream)[1]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
 def test_vote_from_the_surrogates_distances_is_the_same_decision():

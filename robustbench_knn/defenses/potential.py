@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..distances import BankBlocks, pairwise_distance
+from ..distances import BankBlocks, grouped_bank, pairwise_distance
 
 
 def _potentials_autograd(emb: torch.Tensor, train_emb: torch.Tensor, train_labels: torch.Tensor, n_spaces: int,
@@ -30,44 +30,53 @@ def _potentials_autograd(emb: torch.Tensor, train_emb: torch.Tensor, train_label
 
 class _BlockedPotentials(torch.autograd.Function):
     """L_c = Σ_{i∈c} relu(c0 − E_i) + (Σ_i E_i − Σ_{i∈c} E_i − (M − M_c)·c0)/K with E = e^{−λD}, c0 = e^{−λ l0},
-    block by block over a fixed bank (:class:`BankBlocks`). Backward: with G the gradient of L and G_y = G[:, y_i],
-    ∂L/∂D_i = λE_i·(G_y·(1/K + [E_i < c0]) − ΣG/K)."""
+    block by block over a fixed bank ordered by class (:func:`grouped_bank`), so each block belongs to one class
+    and its class sums are row sums. Backward: with G the gradient of L and G_y = G[:, y_i],
+    ∂L/∂D_i = λE_i·(G_y·(1/K + [E_i < c0]) − ΣG/K): per block two per-row coefficients, chosen by [E_i < c0]."""
 
     @staticmethod
     def forward(ctx, emb: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, n_spaces: int, lam: float,
                 l0: float, n_classes: int) -> torch.Tensor:  # type: ignore[override]
         c0 = math.exp(-lam * l0)
-        blocks = BankBlocks(emb, bank, n_spaces)
-        onehot = F.one_hot(labels, n_classes).to(emb.dtype)  # (M, K)
-        same = emb.new_zeros(len(emb), n_classes)
-        per_class = emb.new_zeros(len(emb), n_classes)
-        for s, t in blocks.ranges():
-            _, e = blocks.distances(s, t)
-            e.mul_(-lam).exp_()
-            per_class.addmm_(e, onehot[s:t])
-            relu = torch.sub(c0, e, out=blocks.q[:, :t - s]).clamp_min_(0)  # relu(−a) = relu(c0 − E)
-            same.addmm_(relu, onehot[s:t])
+        terms, segments = grouped_bank(bank, labels, n_spaces, n_classes)
+        blocks = BankBlocks(emb, bank, n_spaces, terms)
+        same = emb.new_zeros(n_classes, len(emb))
+        per_class = emb.new_zeros(n_classes, len(emb))
+        sizes = [0] * n_classes
+        for c, start, stop in segments:
+            sizes[c] = stop - start
+            for s, t in blocks.ranges(start, stop):
+                _, e = blocks.distances(s, t)
+                e.mul_(-lam).exp_()
+                per_class[c] += e.sum(1)
+                same[c] += torch.sub(c0, e, out=blocks.q[:, :t - s]).clamp_min_(0).sum(1)  # relu(−a) = relu(c0 − E)
+        per_class, same = per_class.t(), same.t()
         total = per_class.sum(1, keepdim=True)
         ctx.save_for_backward(emb)
-        ctx.bank = (bank, onehot)  # fixed, no gradient: kept as is, so the bank's kept layout is found again
+        ctx.bank = (bank, labels)  # fixed, no gradient: kept as is, so the kept class order is found again
         ctx.consts = (n_spaces, lam, l0, n_classes)
-        return same + (total - per_class - (len(bank) - onehot.sum(0)) * c0) / n_classes
+        return same + (total - per_class - (len(bank) - emb.new_tensor(sizes)) * c0) / n_classes
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (emb,), (bank, onehot) = ctx.saved_tensors, ctx.bank
+        (emb,), (bank, labels) = ctx.saved_tensors, ctx.bank
         n_spaces, lam, l0, n_classes = ctx.consts
         c0 = math.exp(-lam * l0)
-        blocks = BankBlocks(emb, bank, n_spaces)
+        terms, segments = grouped_bank(bank, labels, n_spaces, n_classes)
+        blocks = BankBlocks(emb, bank, n_spaces, terms)
         g_mean = grad.sum(1, keepdim=True) / n_classes
-        gy_buf, coef_buf = torch.empty_like(blocks.d), torch.empty_like(blocks.d)
-        for s, t in blocks.ranges():
-            r, e = blocks.distances(s, t)
-            e.mul_(-lam).exp_()
-            gy = torch.mm(grad, onehot[s:t].t(), out=gy_buf[:, :t - s])
-            coef = torch.add(torch.lt(e, c0), 1 / n_classes, out=coef_buf[:, :t - s])
-            blocks.backprop(s, t, r, gy.mul_(coef).sub_(g_mean).mul_(e).mul_(lam))  # ∂L/∂D, in gy's buffer
+        far = lam * (grad / n_classes - g_mean)  # (N, K): ∂L/∂D_i / E_i for E_i ≥ c0, by the class of i
+        near = far + lam * grad  # ... and for E_i < c0
+        below = torch.empty(blocks.d.shape, dtype=torch.bool, device=emb.device)
+        for c, start, stop in segments:
+            for s, t in blocks.ranges(start, stop):
+                r, e = blocks.distances(s, t)
+                e.mul_(-lam).exp_()
+                w = t - s
+                coef = torch.where(torch.lt(e, c0, out=below[:, :w]), near[:, c:c + 1], far[:, c:c + 1],
+                                   out=blocks.q[:, :w])
+                blocks.backprop(s, t, r, e.mul_(coef))  # ∂L/∂D, in e's buffer
         return blocks.grad(), None, None, None, None, None, None
 
 

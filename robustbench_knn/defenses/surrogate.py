@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import UsageError
-from ..distances import BankBlocks
+from ..distances import BankBlocks, selected_distance_grad
 from .potential import class_potentials
 
 
@@ -44,7 +44,7 @@ class PotentialSurrogate(nn.Module):
 class _SoftKNNLogits(torch.autograd.Function):
     """logit_c = logsumexp over the m nearest bank points of class c of (−D/T), from distances computed block by
     block without a gradient (:class:`BankBlocks`); the backward sends ∂L/∂D (non-zero on the selected points
-    only: −G_c·softmax/T) through the blocks' distances again. Also returns the N × M distances, which the
+    only: −G_c·softmax/T) through those points alone (:func:`selected_distance_grad`). Also returns the N × M distances, which the
     defense's hard vote of the same embedding reuses."""
 
     @staticmethod
@@ -74,14 +74,9 @@ class _SoftKNNLogits(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor, _grad_dist: torch.Tensor | None):  # type: ignore[override]
         (emb,), (bank, sel, weights, n_spaces, temperature, present) = ctx.saved_tensors, ctx.rest
-        grad_d = emb.new_zeros(len(emb), len(bank))
         cls = [c for c, p in enumerate(present) if p]
-        for c, idx, w in zip(cls, sel, weights):
-            grad_d.scatter_(1, idx, w * (-grad[:, c:c + 1] / temperature))
-        blocks = BankBlocks(emb, bank, n_spaces)
-        for s, t in blocks.ranges():
-            blocks.backprop(s, t, blocks.distances(s, t)[0], grad_d[:, s:t])
-        return blocks.grad(), None, None, None, None, None
+        grad_sel = torch.cat([w * (-grad[:, c:c + 1] / temperature) for c, w in zip(cls, weights)], 1)
+        return selected_distance_grad(emb, bank, torch.cat(sel, 1), grad_sel, n_spaces), None, None, None, None, None
 
 
 class SoftKNNSurrogate(nn.Module):
