@@ -62,15 +62,19 @@ def test_blocked_potentials_follow_the_labels_and_a_class_absent_from_the_bank()
     both()
 
 
-def _softknn_whole_matrix(emb, bank, labels, n_spaces, m, temperature, classes):
-    """The soft-kNN logits as written before the blocked path: autograd through the whole distance matrix."""
-    dist = pairwise_distance(emb, bank, n_spaces)
+def _softknn_of(dist, labels, m, temperature, classes):
+    """The soft-kNN logits from a whole distance matrix, through autograd."""
     cols = []
     for c in range(classes):
         idx = torch.nonzero(labels == c).squeeze(1)
         near = torch.topk(dist[:, idx], min(m, len(idx)), dim=1, largest=False).values
         cols.append(torch.logsumexp(-near / temperature, dim=1))
     return torch.stack(cols, 1)
+
+
+def _softknn_whole_matrix(emb, bank, labels, n_spaces, m, temperature, classes):
+    """The soft-kNN logits as written before the blocked path: autograd through the whole distance matrix."""
+    return _softknn_of(pairwise_distance(emb, bank, n_spaces), labels, m, temperature, classes)
 
 
 @pytest.mark.parametrize("m", [1, 7, 200])  # 200: more than any class has (every point of the class)
@@ -90,13 +94,7 @@ def _softknn_by_differences(emb, bank, labels, m, temperature, classes):
     """The soft-kNN logits with distances from the differences themselves (exact next to a bank point, where
     ‖a‖² + ‖b‖² − 2a·b cancels)."""
     diff = (emb.unsqueeze(1) - bank.unsqueeze(0)).view(len(emb), len(bank), 2, -1)
-    dist = torch.linalg.vector_norm(diff, dim=-1).sum(-1)
-    cols = []
-    for c in range(classes):
-        idx = torch.nonzero(labels == c).squeeze(1)
-        near = torch.topk(dist[:, idx], min(m, len(idx)), dim=1, largest=False).values
-        cols.append(torch.logsumexp(-near / temperature, dim=1))
-    return torch.stack(cols, 1)
+    return _softknn_of(torch.linalg.vector_norm(diff, dim=-1).sum(-1), labels, m, temperature, classes)
 
 
 def test_softknn_gradient_is_the_distances_own_next_to_a_bank_point():
