@@ -44,8 +44,8 @@ class PotentialSurrogate(nn.Module):
 class _SoftKNNLogits(torch.autograd.Function):
     """logit_c = logsumexp over the m nearest bank points of class c of (−D/T), from distances computed block by
     block without a gradient (:class:`BankBlocks`); the backward sends ∂L/∂D (non-zero on the selected points
-    only: −G_c·softmax/T) through those points alone (:func:`selected_distance_grad`). Also returns the N × M distances, which the
-    defense's hard vote of the same embedding reuses."""
+    only: −G_c·softmax/T) through those points alone (:func:`selected_distance_grad`). Also returns the N × M
+    distances, which the defense's hard vote of the same embedding reuses."""
 
     @staticmethod
     def forward(ctx, emb: torch.Tensor, bank: torch.Tensor, class_idx: list[torch.Tensor], n_spaces: int, m: int,
