@@ -83,7 +83,8 @@ def grouped_bank(b: torch.Tensor, labels: torch.Tensor, n_spaces: int,
     class's bank points (the §2.5 potentials) then reduces contiguous column ranges instead of multiplying
     every block by an M × K one-hot matrix. Kept between calls like :func:`fixed_bank_terms` (its own entry,
     so the vote's layout of the unordered bank is not evicted at every attack step)."""
-    if not b.is_inference() and not labels.is_inference() and _is_kept(_LAST_GROUPED, (b, labels), n_spaces):
+    keepable = not b.is_inference() and not labels.is_inference()  # inference tensors keep no version counter
+    if keepable and _is_kept(_LAST_GROUPED, (b, labels), n_spaces):
         return _LAST_GROUPED[3]
     order = torch.argsort(labels, stable=True)
     counts = torch.bincount(labels, minlength=n_classes).tolist()
@@ -91,7 +92,7 @@ def grouped_bank(b: torch.Tensor, labels: torch.Tensor, n_spaces: int,
     segments = [(c, s, s + n) for c, (s, n) in enumerate(zip(starts, counts)) if n]
     sb = split_spaces(b[order], n_spaces)
     out = ((*_bank_terms(sb), sb), segments)
-    if not b.is_inference() and not labels.is_inference():
+    if keepable:
         _LAST_GROUPED[:] = [(weakref.ref(b), weakref.ref(labels)), (b._version, labels._version), n_spaces, out]
     return out
 
