@@ -1,10 +1,15 @@
-"""Where the work runs: the device a run resolves to, and the name of the machine recorded beside its figures."""
+"""Where the work runs: the device a run resolves to, the name of the machine recorded beside its figures, and
+kernels compiled for it where a compiler is at hand."""
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,3 +40,45 @@ def machine_name(device: torch.device | str) -> str:
     except OSError:
         pass
     return f"{model}, {os.cpu_count()} cores"
+
+
+COMPILE_ENV = "ROBUSTBENCH_KNN_COMPILE"  # "0": never compile; every fused kernel runs its eager fallback
+
+
+def _quiet_cpp_extension() -> None:
+    """Import the compiler's C++ helper without its "No CUDA runtime is found" warning, which a CUDA build of torch
+    logs on every machine without a GPU: compiling for the CPU needs no CUDA."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        log.setLevel(level)
+
+
+class FusedKernel:
+    """``fn`` (element-wise work and reductions over a block) compiled by ``torch.compile`` on first use, with
+    dynamic shapes so that one compilation serves every batch size and block width: one pass over a block instead
+    of one per operation. Compiling needs a C++ compiler (CPU) or Triton (GPU); where it fails, or where
+    ``ROBUSTBENCH_KNN_COMPILE=0``, :meth:`usable` turns False and the caller runs its eager code instead."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self._compiled: Callable[..., Any] | None = None
+        self.failed: str | None = None
+
+    def usable(self) -> bool:
+        return self.failed is None and os.environ.get(COMPILE_ENV, "1") != "0"
+
+    def __call__(self, *args: Any) -> Any:
+        if self._compiled is None:
+            _quiet_cpp_extension()
+            self._compiled = torch.compile(self.fn, dynamic=True)
+        return self._compiled(*args)
+
+    def give_up(self, err: BaseException) -> None:
+        """Stop compiling after a failure (said once): the caller's eager code gives the same values."""
+        self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        warnings.warn(f"{self.fn.__name__}: torch.compile failed ({self.failed}); running eager code instead "
+                      f"(set {COMPILE_ENV}=0 to skip compiling)", RuntimeWarning, stacklevel=2)

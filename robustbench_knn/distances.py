@@ -145,6 +145,7 @@ class BankBlocks:
         self.r = torch.empty((n_spaces, n, self.width), dtype=emb.dtype, device=emb.device)
         self.d = torch.empty((n, self.width), dtype=emb.dtype, device=emb.device)
         self.q = torch.empty_like(self.d)
+        self.below = torch.empty(self.d.shape, dtype=torch.bool, device=emb.device)
         # contiguous (zeros_like would copy sa's transposed strides, and every addmm_ into it would copy back)
         self.grad_sa = torch.zeros(self.sa.shape, dtype=emb.dtype, device=emb.device)
         self.q_rows = torch.zeros_like(self.na)  # (S, N, 1): Σ_i Q_ui per sub-space
@@ -155,14 +156,27 @@ class BankBlocks:
         stop = self.m if stop is None else stop
         return ((s, min(s + self.width, stop)) for s in range(start, stop, self.width))
 
+    def squared(self, s: int, t: int) -> torch.Tensor:
+        """Squared distances per sub-space (S, N, t−s) to bank columns s..t, (‖a‖² + ‖b‖²) − 2a·b as in
+        :func:`_space_distances` (same rounding, not yet clamped): a contiguous view of one buffer, so a fused
+        kernel sees one layout for every block width (valid until the next call)."""
+        n_spaces, n = self.sa.shape[:2]
+        sq = self.r.view(-1)[:n_spaces * n * (t - s)].view(n_spaces, n, t - s)
+        torch.add(self.na, self.norms_b[:, :, s:t], out=sq)
+        return torch.baddbmm(sq, self.sa, self.sb_t[:, :, s:t], alpha=-2, out=sq)
+
     def distances(self, s: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sub-space distances (S, N, t−s) and their sum D (N, t−s) to bank columns s..t (buffers: valid until
         the next call)."""
-        r = self.r[:, :, :t - s]
-        torch.add(self.na, self.norms_b[:, :, s:t], out=r)
-        torch.baddbmm(r, self.sa, self.sb_t[:, :, s:t], alpha=-2, out=r).clamp_min_(0).sqrt_()
+        r = self.squared(s, t).clamp_min_(0).sqrt_()
         d = self.d[:, :t - s]
         return r, (torch.sum(r, 0, out=d) if r.shape[0] > 1 else d.copy_(r[0]))
+
+    def backprop_q(self, s: int, t: int, q: torch.Tensor, q_rows: torch.Tensor) -> None:
+        """Add block s..t's share of ∂L/∂emb from Q^j = ∂L/∂D / r^j (S, N, t−s), already 0 where r^j = 0, and its
+        row sums (S, N, 1): the part of :meth:`backprop` after a fused kernel has made Q."""
+        self.q_rows += q_rows
+        self.grad_sa.baddbmm_(q, self.sb[:, s:t], alpha=-1)
 
     def backprop(self, s: int, t: int, r: torch.Tensor, grad_d: torch.Tensor) -> None:
         """Add block s..t's share of ∂L/∂emb from ∂L/∂D: ∂D/∂a^j = (a^j − b^j)/r^j, so with Q = ∂L/∂D / r^j

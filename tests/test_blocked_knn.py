@@ -4,7 +4,7 @@ surrogate's distances) against the whole-matrix implementations they replaced: s
 import pytest
 import torch
 
-from robustbench_knn import distances
+from robustbench_knn import devices, distances
 from robustbench_knn.defenses import potential
 from robustbench_knn.defenses.defense import KNNDefense
 from robustbench_knn.defenses.knn import knn_votes
@@ -32,8 +32,10 @@ def _value_and_grad(fn, emb, upstream):
     return out.detach(), torch.autograd.grad((out * upstream).sum(), e)[0]
 
 
+@pytest.mark.parametrize("compiled", ["1", "0"])  # fused kernels, and the eager code that stands in for them
 @pytest.mark.parametrize("scale", [0.3, 1.0, 3.0])  # all within l0, mixed, mostly beyond
-def test_blocked_potentials_match_whole_matrix_autograd(scale):
+def test_blocked_potentials_match_whole_matrix_autograd(scale, compiled, monkeypatch):
+    monkeypatch.setenv(devices.COMPILE_ENV, compiled)
     emb, bank, labels = _data(1)
     emb, bank = emb * scale, bank * scale
     kw = dict(n_spaces=2, lam=0.5, l0=7.0, n_classes=4)
@@ -42,6 +44,9 @@ def test_blocked_potentials_match_whole_matrix_autograd(scale):
     want = _value_and_grad(lambda e: potential._potentials_autograd(e, bank, labels, **kw), emb, upstream)
     torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(got[1], want[1], rtol=1e-7, atol=1e-7)  # rounding of near-zero distances
+    if compiled == "1":  # the values above came from the compiled kernels, not from a fallback
+        assert all(k.failed is None and k._compiled is not None
+                   for k in (potential.FUSED_POTENTIALS, potential.FUSED_POTENTIALS_Q))
 
 
 def test_blocked_potentials_follow_the_labels_and_a_class_absent_from_the_bank():
@@ -60,6 +65,54 @@ def test_blocked_potentials_follow_the_labels_and_a_class_absent_from_the_bank()
     both()
     bank.mul_(0.5)
     both()
+
+
+class _FailingCompile:
+    """Stands in for a compiled kernel: the real function for ``works`` calls, then a compiler error."""
+
+    def __init__(self, fn, works):
+        self.fn, self.works, self.calls = fn, works, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls > self.works:
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error")
+        return self.fn(*args)
+
+
+def test_potentials_fall_back_to_eager_code_where_compiling_fails(monkeypatch):
+    monkeypatch.setenv(devices.COMPILE_ENV, "1")
+    emb, bank, labels = _data(11)
+    kw = dict(n_spaces=2, lam=0.5, l0=7.0, n_classes=4)
+    upstream = torch.randn(len(emb), 4, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    kernels = {}
+    for name, works in (("FUSED_POTENTIALS", 3), ("FUSED_POTENTIALS_Q", 2)):  # fail after some blocks are done
+        kernel = devices.FusedKernel(getattr(potential, name).fn)
+        kernel._compiled = kernels[name] = _FailingCompile(kernel.fn, works)
+        monkeypatch.setattr(potential, name, kernel)
+    want = _value_and_grad(lambda e: potential._potentials_autograd(e, bank, labels, **kw), emb, upstream)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        got = _value_and_grad(lambda e: potential.class_potentials(e, bank, labels, **kw), emb, upstream)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)  # the failed try's sums not counted
+    torch.testing.assert_close(got[1], want[1], rtol=1e-7, atol=1e-7)
+    assert not potential.FUSED_POTENTIALS.usable() and not potential.FUSED_POTENTIALS_Q.usable()
+    calls = {name: k.calls for name, k in kernels.items()}
+    _value_and_grad(lambda e: potential.class_potentials(e, bank, labels, **kw), emb, upstream)
+    assert calls == {name: k.calls for name, k in kernels.items()}  # given up: not tried again
+
+
+def test_fused_kernels_are_not_called_when_compiling_is_switched_off(monkeypatch):
+    monkeypatch.setenv(devices.COMPILE_ENV, "0")
+    emb, bank, labels = _data(13)
+    kernels = []
+    for name in ("FUSED_POTENTIALS", "FUSED_POTENTIALS_Q"):
+        kernel = devices.FusedKernel(getattr(potential, name).fn)
+        kernel._compiled = _FailingCompile(kernel.fn, works=10**6)
+        kernels.append(kernel._compiled)
+        monkeypatch.setattr(potential, name, kernel)
+    _value_and_grad(lambda e: potential.class_potentials(e, bank, labels, n_spaces=2, n_classes=4), emb,
+                    torch.ones(len(emb), 4, dtype=torch.float64))
+    assert [k.calls for k in kernels] == [0, 0]
 
 
 def _softknn_of(dist, labels, m, temperature, classes):
