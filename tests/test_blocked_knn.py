@@ -80,16 +80,22 @@ class _FailingCompile:
         return self.fn(*args)
 
 
+def _stand_in_kernels(monkeypatch, works: dict) -> dict:
+    """The potentials' fused kernels, each compiled by a :class:`_FailingCompile` that works ``works[name]`` times."""
+    kernels = {}
+    for name, n in works.items():
+        kernel = devices.FusedKernel(getattr(potential, name).fn)
+        kernel._compiled = kernels[name] = _FailingCompile(kernel.fn, n)
+        monkeypatch.setattr(potential, name, kernel)
+    return kernels
+
+
 def test_potentials_fall_back_to_eager_code_where_compiling_fails(monkeypatch):
     monkeypatch.setenv(devices.COMPILE_ENV, "1")
     emb, bank, labels = _data(11)
     kw = dict(n_spaces=2, lam=0.5, l0=7.0, n_classes=4)
     upstream = torch.randn(len(emb), 4, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
-    kernels = {}
-    for name, works in (("FUSED_POTENTIALS", 3), ("FUSED_POTENTIALS_Q", 2)):  # fail after some blocks are done
-        kernel = devices.FusedKernel(getattr(potential, name).fn)
-        kernel._compiled = kernels[name] = _FailingCompile(kernel.fn, works)
-        monkeypatch.setattr(potential, name, kernel)
+    kernels = _stand_in_kernels(monkeypatch, {"FUSED_POTENTIALS": 3, "FUSED_POTENTIALS_Q": 2})  # after some blocks
     want = _value_and_grad(lambda e: potential._potentials_autograd(e, bank, labels, **kw), emb, upstream)
     with pytest.warns(RuntimeWarning, match="torch.compile failed"):
         got = _value_and_grad(lambda e: potential.class_potentials(e, bank, labels, **kw), emb, upstream)
@@ -104,15 +110,10 @@ def test_potentials_fall_back_to_eager_code_where_compiling_fails(monkeypatch):
 def test_fused_kernels_are_not_called_when_compiling_is_switched_off(monkeypatch):
     monkeypatch.setenv(devices.COMPILE_ENV, "0")
     emb, bank, labels = _data(13)
-    kernels = []
-    for name in ("FUSED_POTENTIALS", "FUSED_POTENTIALS_Q"):
-        kernel = devices.FusedKernel(getattr(potential, name).fn)
-        kernel._compiled = _FailingCompile(kernel.fn, works=10**6)
-        kernels.append(kernel._compiled)
-        monkeypatch.setattr(potential, name, kernel)
+    kernels = _stand_in_kernels(monkeypatch, {"FUSED_POTENTIALS": 10**6, "FUSED_POTENTIALS_Q": 10**6})
     _value_and_grad(lambda e: potential.class_potentials(e, bank, labels, n_spaces=2, n_classes=4), emb,
                     torch.ones(len(emb), 4, dtype=torch.float64))
-    assert [k.calls for k in kernels] == [0, 0]
+    assert [k.calls for k in kernels.values()] == [0, 0]
 
 
 def _softknn_of(dist, labels, m, temperature, classes):
