@@ -1,7 +1,8 @@
 """The §2.5 potentials + gradient alone, fused (compiled) against eager, on FULL's shapes with random data: the first
-call in the process (which compiles, from the inductor cache when it is filled), later calls of each path, and the
-matmuls the blocks need (squared distances in the forward and again in the backward, each with its add of the norms;
-the gradient's Q·B) timed by themselves: the part no fusion of the element-wise chain removes.
+call in the process (which compiles, from the inductor cache when it is filled), later calls of each path, the
+attack loss (kFGSM's objective: one potential per point, its gradient made in the forward's pass) fused and eager,
+and the matmuls the blocks need (squared distances in the forward and again in the backward, each with its add of
+the norms; the gradient's Q·B) timed by themselves: the part no fusion of the element-wise chain removes.
 
     python benchmarks/fused_potentials.py [--batch 250 --bank 50000 --repeats 5 --threads 1]
 
@@ -18,7 +19,7 @@ import time
 import torch
 
 from robustbench_knn import distances
-from robustbench_knn.defenses.potential import class_potentials
+from robustbench_knn.defenses.potential import attack_loss, class_potentials
 from robustbench_knn.devices import COMPILE_ENV
 
 
@@ -32,11 +33,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     bank, labels = torch.randn(args.bank, 30) * 3, torch.randint(0, 10, (args.bank,))
-    emb = torch.randn(args.batch, 30) * 3
+    emb, y = torch.randn(args.batch, 30) * 3, torch.randint(0, 10, (args.batch,))
 
     def potentials() -> None:
         e = emb.clone().requires_grad_(True)
         class_potentials(e, bank, labels, n_spaces=2, lam=0.5, l0=7.0).sum().backward()
+
+    def loss() -> None:
+        e = emb.clone().requires_grad_(True)
+        attack_loss(e, y, bank, labels, n_spaces=2, lam=0.5, l0=7.0).sum().backward()
 
     blocks = distances.BankBlocks(emb, bank, 2)
     sq = blocks.squared(0, blocks.width)
@@ -54,11 +59,13 @@ def main() -> None:
 
     os.environ[COMPILE_ENV] = "1"
     first = seconds(potentials)
+    seconds(loss)  # its own kernel compiles too
     best: dict[str, float] = {}
-    for _ in range(args.repeats):  # interleaved, so a change in the host's speed hits both paths alike
-        for name, flag in (("fused", "1"), ("eager", "0")):
-            os.environ[COMPILE_ENV] = flag
-            best[name] = min(best.get(name, float("inf")), seconds(potentials))
+    for _ in range(args.repeats):  # interleaved, so a change in the host's speed hits every path alike
+        for name, fn in (("potentials", potentials), ("attack loss", loss)):
+            for path, flag in (("fused", "1"), ("eager", "0")):
+                os.environ[COMPILE_ENV] = flag
+                best[f"{name}, {path}"] = min(best.get(f"{name}, {path}", float("inf")), seconds(fn))
         best["matmuls"] = min(best.get("matmuls", float("inf")), seconds(matmuls))
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}; "
           f"batch {args.batch}, bank {args.bank} x 30, 2 sub-spaces, block width {blocks.width}")

@@ -78,9 +78,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         load_package_at(args.rev, Path(tmp))
-        if not (Path(tmp) / "rbk_ref" / "evaluation" / "step_bench.py").exists():  # the same bench on the old code
-            shutil.copy(REPO / "robustbench_knn" / "evaluation" / "step_bench.py",
-                        Path(tmp) / "rbk_ref" / "evaluation" / "step_bench.py")
+        # the same bench, this checkout's, on the old code (the old one may time differently)
+        shutil.copy(REPO / "robustbench_knn" / "evaluation" / "step_bench.py",
+                    Path(tmp) / "rbk_ref" / "evaluation" / "step_bench.py")
         from rbk_ref.evaluation.step_bench import step_breakdown as old_breakdown
         cfg = get_model_config("full")
         print(compare_outputs())

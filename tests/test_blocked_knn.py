@@ -90,30 +90,74 @@ def _stand_in_kernels(monkeypatch, works: dict) -> dict:
     return kernels
 
 
-def test_potentials_fall_back_to_eager_code_where_compiling_fails(monkeypatch):
+@pytest.mark.parametrize("compiled", ["1", "0"])
+@pytest.mark.parametrize("scale", [0.3, 1.0, 3.0])
+def test_attack_loss_with_its_gradient_in_one_pass_matches_whole_matrix_autograd(scale, compiled, monkeypatch):
+    monkeypatch.setenv(devices.COMPILE_ENV, compiled)
+    emb, bank, labels = _data(3)
+    emb, bank = emb * scale, bank * scale
+    kw = dict(n_spaces=2, lam=0.5, l0=7.0, n_classes=4)
+    g = torch.Generator().manual_seed(4)
+    y, upstream = torch.randint(0, 4, (len(emb),), generator=g), torch.randn(len(emb), dtype=torch.float64, generator=g)
+    e = emb.clone().requires_grad_(True)
+    loss = potential.attack_loss(e, y, bank, labels, **kw)
+    assert type(loss.grad_fn).__name__ == "_BlockedAttackLossBackward"  # the one-pass path, not the potentials'
+    want = _value_and_grad(lambda e: _gathered(potential._potentials_autograd(e, bank, labels, **kw), y), emb, upstream)
+    torch.testing.assert_close(loss.detach(), want[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.autograd.grad((loss * upstream).sum(), e)[0], want[1], rtol=1e-7, atol=1e-7)
+    if compiled == "1":
+        assert potential.FUSED_POTENTIALS_AND_Q.failed is None and potential.FUSED_POTENTIALS_AND_Q._compiled is not None
+
+
+def _gathered(pots, y):
+    return pots.gather(1, y.view(-1, 1)).squeeze(1)
+
+
+_KERNELS = {  # the kernels each blocked path compiles
+    "potentials": ("FUSED_POTENTIALS", "FUSED_POTENTIALS_Q"),
+    "attack loss": ("FUSED_POTENTIALS_AND_Q",),
+}
+
+
+def _blocked_and_reference(path, bank, labels, y, kw):
+    if path == "potentials":
+        return (lambda e: potential.class_potentials(e, bank, labels, **kw),
+                lambda e: potential._potentials_autograd(e, bank, labels, **kw))
+    return (lambda e: potential.attack_loss(e, y, bank, labels, **kw),
+            lambda e: _gathered(potential._potentials_autograd(e, bank, labels, **kw), y))
+
+
+@pytest.mark.parametrize("path", sorted(_KERNELS))
+def test_potentials_fall_back_to_eager_code_where_compiling_fails(path, monkeypatch):
     monkeypatch.setenv(devices.COMPILE_ENV, "1")
     emb, bank, labels = _data(11)
     kw = dict(n_spaces=2, lam=0.5, l0=7.0, n_classes=4)
+    y = torch.arange(len(emb)) % 4
+    blocked, reference = _blocked_and_reference(path, bank, labels, y, kw)
     upstream = torch.randn(len(emb), 4, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
-    kernels = _stand_in_kernels(monkeypatch, {"FUSED_POTENTIALS": 3, "FUSED_POTENTIALS_Q": 2})  # after some blocks
-    want = _value_and_grad(lambda e: potential._potentials_autograd(e, bank, labels, **kw), emb, upstream)
+    upstream = upstream if path == "potentials" else upstream[:, 0]
+    kernels = _stand_in_kernels(monkeypatch, dict(zip(_KERNELS[path], (3, 2))))  # each fails after some blocks
+    want = _value_and_grad(reference, emb, upstream)
     with pytest.warns(RuntimeWarning, match="torch.compile failed"):
-        got = _value_and_grad(lambda e: potential.class_potentials(e, bank, labels, **kw), emb, upstream)
+        got = _value_and_grad(blocked, emb, upstream)
     torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)  # the failed try's sums not counted
     torch.testing.assert_close(got[1], want[1], rtol=1e-7, atol=1e-7)
-    assert not potential.FUSED_POTENTIALS.usable() and not potential.FUSED_POTENTIALS_Q.usable()
+    assert not any(getattr(potential, name).usable() for name in _KERNELS[path])
     calls = {name: k.calls for name, k in kernels.items()}
-    _value_and_grad(lambda e: potential.class_potentials(e, bank, labels, **kw), emb, upstream)
+    _value_and_grad(blocked, emb, upstream)
     assert calls == {name: k.calls for name, k in kernels.items()}  # given up: not tried again
 
 
 def test_fused_kernels_are_not_called_when_compiling_is_switched_off(monkeypatch):
     monkeypatch.setenv(devices.COMPILE_ENV, "0")
     emb, bank, labels = _data(13)
-    kernels = _stand_in_kernels(monkeypatch, {"FUSED_POTENTIALS": 10**6, "FUSED_POTENTIALS_Q": 10**6})
+    names = [name for names in _KERNELS.values() for name in names]
+    kernels = _stand_in_kernels(monkeypatch, dict.fromkeys(names, 10**6))
     _value_and_grad(lambda e: potential.class_potentials(e, bank, labels, n_spaces=2, n_classes=4), emb,
                     torch.ones(len(emb), 4, dtype=torch.float64))
-    assert [k.calls for k in kernels.values()] == [0, 0]
+    _value_and_grad(lambda e: potential.attack_loss(e, torch.zeros(len(emb), dtype=torch.long), bank, labels,
+                                                    n_spaces=2, n_classes=4), emb, torch.ones(len(emb)))
+    assert [k.calls for k in kernels.values()] == [0] * len(names)
 
 
 def _softknn_of(dist, labels, m, temperature, classes):
@@ -181,3 +225,11 @@ def test_vote_refuses_distances_of_another_shape():
     emb, bank, labels = _data(6)
     with pytest.raises(ValueError, match="precomputed distances"):
         knn_votes(emb, bank, labels, k=3, n_spaces=2, n_classes=4, dist=torch.zeros(len(emb), 5))
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_attack_loss_refuses_an_unknown_option(grad):
+    emb, bank, labels = _data(15)
+    with pytest.raises(TypeError, match="lamda"):
+        potential.attack_loss(emb.requires_grad_(grad), torch.zeros(len(emb), dtype=torch.long), bank, labels,
+                              lamda=0.5)

@@ -6,10 +6,13 @@ Against a fixed bank (every attack) the potentials and their gradient are comput
 (:class:`_BlockedPotentials`, on :class:`distances.BankBlocks`): as whole N × M tensors this chain and its backward
 cost three times the network it sits on (``robustbench-knn bench --steps``). Each block's element-wise chain is one
 compiled kernel where a compiler is at hand (:class:`devices.FusedKernel`), else the same arithmetic eagerly.
+The attack loss (one potential per point, the objective kFGSM ascends) makes its gradient in the same pass as its
+value (:class:`_BlockedAttackLoss`), so an attack step walks the bank once.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -31,34 +34,69 @@ def _potentials_autograd(emb: torch.Tensor, train_emb: torch.Tensor, train_label
     return same_class + (a.sum(1, keepdim=True) - per_class_a) / n_classes
 
 
+def _exp_terms(sq: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sub-space distances r (S, N, w) from their squares, and E = e^{−λ Σ_j r^j} (N, w)."""
+    r = sq.clamp_min(0).sqrt()
+    return r, torch.exp(-lam * r.sum(0))
+
+
+def _q_terms(r: torch.Tensor, e: torch.Tensor, near: torch.Tensor, far: torch.Tensor, c0: float) -> torch.Tensor:
+    """Q^j = ∂L/∂D / r^j with ∂L/∂D = E·(near if E < c0 else far); 0 where r^j = 0 (a duplicate point)."""
+    return torch.where(r > 0, torch.where(e < c0, near, far) * e / r, 0.0)
+
+
 def _block_potentials(sq: torch.Tensor, c0: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One block of one class, fused: from the squared distances per sub-space (S, N, w), Σ_i E_i and
     Σ_i relu(c0 − E_i) per row."""
-    e = torch.exp(-lam * sq.clamp_min(0).sqrt().sum(0))
+    _, e = _exp_terms(sq, lam)
     return e.sum(1), (c0 - e).clamp_min(0).sum(1)
 
 
 def _block_potentials_q(sq: torch.Tensor, near: torch.Tensor, far: torch.Tensor, c0: float,
                         lam: float) -> torch.Tensor:
-    """The backward of one block, fused: Q^j = ∂L/∂D / r^j (0 where r^j = 0, a duplicate point) written over
-    ``sq``, and its row sums (S, N, 1)."""
-    r = sq.clamp_min(0).sqrt()
-    e = torch.exp(-lam * r.sum(0))
-    q = torch.where(r > 0, torch.where(e < c0, near, far) * e / r, 0.0)
+    """The backward of one block, fused: Q written over ``sq``, and its row sums (S, N, 1)."""
+    r, e = _exp_terms(sq, lam)
+    q = _q_terms(r, e, near, far, c0)
     sq.copy_(q)
     return q.sum(2, keepdim=True)
 
 
+def _block_potentials_and_q(sq: torch.Tensor, near: torch.Tensor, far: torch.Tensor, c0: float,
+                            lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward and backward of one block in one pass (the attack loss, whose backward is known in its forward up
+    to one factor per row): the two sums of :func:`_block_potentials`, and Q over ``sq`` with its row sums."""
+    r, e = _exp_terms(sq, lam)
+    q = _q_terms(r, e, near, far, c0)
+    sq.copy_(q)
+    return e.sum(1), (c0 - e).clamp_min(0).sum(1), q.sum(2, keepdim=True)
+
+
 FUSED_POTENTIALS = FusedKernel(_block_potentials)
 FUSED_POTENTIALS_Q = FusedKernel(_block_potentials_q)
+FUSED_POTENTIALS_AND_Q = FusedKernel(_block_potentials_and_q)
+
+
+def _exp_eager(blocks: BankBlocks, s: int, t: int, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    r, e = blocks.distances(s, t)
+    return r, e.mul_(-lam).exp_()
+
+
+def _add_sums_eager(blocks: BankBlocks, e: torch.Tensor, c: int, c0: float, per_class: torch.Tensor,
+                    same: torch.Tensor) -> None:
+    per_class[c] += e.sum(1)
+    same[c] += torch.sub(c0, e, out=blocks.q[:, :e.shape[1]]).clamp_min_(0).sum(1)  # relu(−a) = relu(c0 − E)
+
+
+def _backprop_from_eager(blocks: BankBlocks, s: int, t: int, r: torch.Tensor, e: torch.Tensor, near: torch.Tensor,
+                         far: torch.Tensor, c0: float) -> None:
+    w = t - s
+    below = torch.lt(e, c0, out=blocks.below[:, :w])
+    blocks.backprop(s, t, r, e.mul_(torch.where(below, near, far, out=blocks.q[:, :w])))  # ∂L/∂D, in e's buffer
 
 
 def _sums_eager(blocks: BankBlocks, c: int, s: int, t: int, lam: float, c0: float, per_class: torch.Tensor,
                 same: torch.Tensor) -> None:
-    _, e = blocks.distances(s, t)
-    e.mul_(-lam).exp_()
-    per_class[c] += e.sum(1)
-    same[c] += torch.sub(c0, e, out=blocks.q[:, :t - s]).clamp_min_(0).sum(1)  # relu(−a) = relu(c0 − E)
+    _add_sums_eager(blocks, _exp_eager(blocks, s, t, lam)[1], c, c0, per_class, same)
 
 
 def _sums_fused(blocks: BankBlocks, c: int, s: int, t: int, lam: float, c0: float, per_class: torch.Tensor,
@@ -70,17 +108,31 @@ def _sums_fused(blocks: BankBlocks, c: int, s: int, t: int, lam: float, c0: floa
 
 def _backprop_eager(blocks: BankBlocks, s: int, t: int, near: torch.Tensor, far: torch.Tensor, lam: float,
                     c0: float) -> None:
-    r, e = blocks.distances(s, t)
-    e.mul_(-lam).exp_()
-    w = t - s
-    below = torch.lt(e, c0, out=blocks.below[:, :w])
-    blocks.backprop(s, t, r, e.mul_(torch.where(below, near, far, out=blocks.q[:, :w])))  # ∂L/∂D, in e's buffer
+    _backprop_from_eager(blocks, s, t, *_exp_eager(blocks, s, t, lam), near, far, c0)
 
 
 def _backprop_fused(blocks: BankBlocks, s: int, t: int, near: torch.Tensor, far: torch.Tensor, lam: float,
                     c0: float) -> None:
     q = blocks.squared(s, t)
     blocks.backprop_q(s, t, q, FUSED_POTENTIALS_Q(q, near, far, c0, lam))
+
+
+def _sums_and_backprop_eager(blocks: BankBlocks, c: int, s: int, t: int, lam: float, c0: float,
+                             per_class: torch.Tensor, same: torch.Tensor, near: torch.Tensor,
+                             far: torch.Tensor) -> None:
+    r, e = _exp_eager(blocks, s, t, lam)
+    _add_sums_eager(blocks, e, c, c0, per_class, same)
+    _backprop_from_eager(blocks, s, t, r, e, near, far, c0)
+
+
+def _sums_and_backprop_fused(blocks: BankBlocks, c: int, s: int, t: int, lam: float, c0: float,
+                             per_class: torch.Tensor, same: torch.Tensor, near: torch.Tensor,
+                             far: torch.Tensor) -> None:
+    q = blocks.squared(s, t)
+    e_sum, below_sum, q_rows = FUSED_POTENTIALS_AND_Q(q, near, far, c0, lam)
+    per_class[c] += e_sum
+    same[c] += below_sum
+    blocks.backprop_q(s, t, q, q_rows)
 
 
 Step = Callable[..., None]
@@ -102,6 +154,38 @@ def _over_blocks(kernel: FusedKernel, fused: Step, eager: Step, make_blocks: Cal
     return blocks
 
 
+def _coefficients(grad: torch.Tensor, lam: float, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(near, far), each (N, K): ∂L/∂D_i / E_i for bank points of each class with E_i < c0 and E_i ≥ c0, from the
+    gradient G of the potentials (N, K)."""
+    far = lam * (grad / n_classes - grad.sum(1, keepdim=True) / n_classes)
+    return far + lam * grad, far
+
+
+def _class_sums(emb: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, n_spaces: int, lam: float,
+                l0: float, n_classes: int, kernel: FusedKernel, fused: Step, eager: Step,
+                coefficients: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, BankBlocks]:
+    """The potentials (N, K) from per-class sums over a class-ordered bank (:func:`grouped_bank`), block by
+    block; with ``coefficients`` (near, far) the steps also back-propagate them into the returned blocks."""
+    c0 = math.exp(-lam * l0)
+    terms, segments = grouped_bank(bank, labels, n_spaces, n_classes)
+    sums: list[torch.Tensor] = []
+
+    def run(blocks: BankBlocks, step: Step) -> None:
+        sums[:] = [emb.new_zeros(n_classes, len(emb)), emb.new_zeros(n_classes, len(emb))]
+        for c, start, stop in segments:
+            extra = () if coefficients is None else tuple(k[:, c:c + 1] for k in coefficients)
+            for s, t in blocks.ranges(start, stop):
+                step(blocks, c, s, t, lam, c0, *sums, *extra)
+
+    blocks = _over_blocks(kernel, fused, eager, lambda: BankBlocks(emb, bank, n_spaces, terms), run)
+    per_class, same = sums[0].t(), sums[1].t()
+    sizes = [0] * n_classes
+    for c, start, stop in segments:
+        sizes[c] = stop - start
+    total = per_class.sum(1, keepdim=True)
+    return same + (total - per_class - (len(bank) - emb.new_tensor(sizes)) * c0) / n_classes, blocks
+
+
 class _BlockedPotentials(torch.autograd.Function):
     """L_c = Σ_{i∈c} relu(c0 − E_i) + (Σ_i E_i − Σ_{i∈c} E_i − (M − M_c)·c0)/K with E = e^{−λD}, c0 = e^{−λ l0},
     block by block over a fixed bank ordered by class (:func:`grouped_bank`), so each block belongs to one class
@@ -113,26 +197,12 @@ class _BlockedPotentials(torch.autograd.Function):
     @staticmethod
     def forward(ctx, emb: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, n_spaces: int, lam: float,
                 l0: float, n_classes: int) -> torch.Tensor:  # type: ignore[override]
-        c0 = math.exp(-lam * l0)
-        terms, segments = grouped_bank(bank, labels, n_spaces, n_classes)
-        sums: list[torch.Tensor] = []
-
-        def run(blocks: BankBlocks, step: Step) -> None:
-            sums[:] = [emb.new_zeros(n_classes, len(emb)), emb.new_zeros(n_classes, len(emb))]
-            for c, start, stop in segments:
-                for s, t in blocks.ranges(start, stop):
-                    step(blocks, c, s, t, lam, c0, *sums)
-
-        _over_blocks(FUSED_POTENTIALS, _sums_fused, _sums_eager, lambda: BankBlocks(emb, bank, n_spaces, terms), run)
-        per_class, same = sums[0].t(), sums[1].t()
-        sizes = [0] * n_classes
-        for c, start, stop in segments:
-            sizes[c] = stop - start
-        total = per_class.sum(1, keepdim=True)
+        pots, _ = _class_sums(emb, bank, labels, n_spaces, lam, l0, n_classes, FUSED_POTENTIALS, _sums_fused,
+                              _sums_eager)
         ctx.save_for_backward(emb)
         ctx.bank = (bank, labels)  # fixed, no gradient: kept as is, so the kept class order is found again
         ctx.consts = (n_spaces, lam, l0, n_classes)
-        return same + (total - per_class - (len(bank) - emb.new_tensor(sizes)) * c0) / n_classes
+        return pots
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -141,9 +211,7 @@ class _BlockedPotentials(torch.autograd.Function):
         n_spaces, lam, l0, n_classes = ctx.consts
         c0 = math.exp(-lam * l0)
         terms, segments = grouped_bank(bank, labels, n_spaces, n_classes)
-        g_mean = grad.sum(1, keepdim=True) / n_classes
-        far = lam * (grad / n_classes - g_mean)  # (N, K): ∂L/∂D_i / E_i for E_i ≥ c0, by the class of i
-        near = far + lam * grad  # ... and for E_i < c0
+        near, far = _coefficients(grad, lam, n_classes)
 
         def run(blocks: BankBlocks, step: Step) -> None:
             for c, start, stop in segments:
@@ -153,6 +221,29 @@ class _BlockedPotentials(torch.autograd.Function):
         blocks = _over_blocks(FUSED_POTENTIALS_Q, _backprop_fused, _backprop_eager,
                               lambda: BankBlocks(emb, bank, n_spaces, terms), run)
         return blocks.grad(), None, None, None, None, None, None
+
+
+class _BlockedAttackLoss(torch.autograd.Function):
+    """The attack loss L_y (each point's potential for its own label) and its gradient in one pass over the bank.
+    Its backward is known in the forward up to one factor per row: G is g·onehot(y), so the coefficients of
+    :class:`_BlockedPotentials` are g times those of onehot(y). The forward keeps ∂L_y/∂emb for g = 1 and the
+    backward scales it, instead of recomputing every block's distances and exponentials (an attack step on the
+    paper's objective always asks for the gradient)."""
+
+    @staticmethod
+    def forward(ctx, emb: torch.Tensor, y: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, n_spaces: int,
+                lam: float, l0: float, n_classes: int) -> torch.Tensor:  # type: ignore[override]
+        coefficients = _coefficients(F.one_hot(y, n_classes).to(emb.dtype), lam, n_classes)
+        pots, blocks = _class_sums(emb, bank, labels, n_spaces, lam, l0, n_classes, FUSED_POTENTIALS_AND_Q,
+                                   _sums_and_backprop_fused, _sums_and_backprop_eager, coefficients)
+        ctx.save_for_backward(blocks.grad())
+        return pots.gather(1, y.view(-1, 1)).squeeze(1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (jacobian,) = ctx.saved_tensors
+        return grad.unsqueeze(1) * jacobian, None, None, None, None, None, None, None
 
 
 def class_potentials(
@@ -180,5 +271,15 @@ def attack_loss(emb: torch.Tensor, labels: torch.Tensor, train_emb: torch.Tensor
                 **options: float) -> torch.Tensor:
     """§2.5, one value per test point against all training embeddings, shape (N,). The attacker maximises it.
     ``options`` are those of :func:`class_potentials` (n_spaces, lam, l0, n_classes)."""
+    if set(options) - _OPTION_DEFAULTS.keys():
+        raise TypeError(f"attack_loss() got unknown options {sorted(set(options) - _OPTION_DEFAULTS.keys())}")
+    if torch.is_grad_enabled() and emb.requires_grad and not train_emb.requires_grad:
+        o = {**_OPTION_DEFAULTS, **options}
+        return _BlockedAttackLoss.apply(emb, labels, train_emb, train_labels, int(o["n_spaces"]), float(o["lam"]),
+                                        float(o["l0"]), int(o["n_classes"]))
     pots = class_potentials(emb, train_emb, train_labels, **options)
     return pots.gather(1, labels.view(-1, 1)).squeeze(1)
+
+
+_OPTION_DEFAULTS = {k: v.default for k, v in inspect.signature(class_potentials).parameters.items()
+                    if v.kind is inspect.Parameter.KEYWORD_ONLY}
