@@ -112,8 +112,9 @@ def test_toolkit_table_end_to_end(tiny_data_dir, tmp_path, capsys, monkeypatch):
 def test_toolkits_bad_input(capsys):
     assert main(["toolkits", "--attacks", "nope"]) == 2
     assert main(["toolkits", "--surrogates", "bogus"]) == 2
+    assert main(["toolkits", "--toolkits", "ta,bogus"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("robustbench-knn: error:") for line in err)
+    assert len(err) == 3 and all(line.startswith("robustbench-knn: error:") for line in err)
 
 
 def test_cells_are_tied_to_the_weights(tiny_clf, tiny_data, tmp_path):
@@ -156,3 +157,19 @@ def test_planned_cells_not_yet_run_show_as_not_run(tiny_data_dir, tmp_path, monk
     assert main([*args, "--render-only"]) == 0
     assert (out / "toolkits.md").read_text() == md
     assert main(["toolkits", "--render-only", "--out", str(tmp_path / "none")]) == 2
+
+
+def test_toolkits_option_runs_only_those_toolkits_and_keeps_the_others_as_not_run(tiny_data_dir, tmp_path):
+    """`--toolkits ta` runs torchattacks' cells only; ART's planned cells stay in the table, unrun."""
+    out = tmp_path / "tk"
+    args = ["toolkits", "--model", "full", "--data-dir", str(tiny_data_dir), "--cache-dir", str(tmp_path / "c"),
+            "--attacks", "pgd", "--surrogates", "potential", "--toolkits", "ta", "--eps", "8/255", "--n-test", "20",
+            "--out", str(out), "--quiet", *[a for s in TINY_SETS for a in ("--set", s)]]
+    assert main(args) == 0
+    res = json.loads((out / "toolkits.json").read_text())
+    assert [(c["key"], c["surrogate"]) for c in res["cells"]] == [("ta:pgd", "potential")]
+    df = toolkit_compare.compare_frame(res)
+    art = df[(df["attack"] == "pgd") & (df["toolkit"] == "art")]
+    assert len(art) == 1 and art["robust 8/255"].isna().all()
+    md = (out / "toolkits.md").read_text()
+    assert "Only the cells of ta were run" in md and md.count("not run") == 3

@@ -14,11 +14,13 @@ from .parser import _model_config, _threat, check_writable_file
 
 def cmd_toolkits(args: argparse.Namespace) -> None:
     from ..defenses.surrogate import SURROGATES
-    from ..evaluation.toolkit_compare import render_compare, rerender, run_compare, suite_specs
+    from ..evaluation.toolkit_compare import chosen_toolkits, render_compare, rerender, run_compare, suite_specs
 
     names = [n.strip() for n in args.attacks.split(",") if n.strip()]
     norm, eps = _threat(args)
     suite_specs(names, norm)  # validates the names before any work
+    toolkits = None if args.toolkits is None else [t.strip() for t in args.toolkits.split(",") if t.strip()]
+    chosen_toolkits(toolkits)
     if args.render_only:
         print(render_compare(rerender(args.out, names, norm)))
         return
@@ -32,7 +34,7 @@ def cmd_toolkits(args: argparse.Namespace) -> None:
         result = run_compare(_model_config(args), eps, names=names, surrogates=surrogates,
                              n_test=args.n_test, out_dir=args.out, data_dir=args.data_dir, cache_dir=args.cache_dir,
                              device=args.device, seed=args.seed or 0, batch_size=args.batch_size,
-                             progress=not args.quiet, aligned=args.aligned, norm=norm)
+                             progress=not args.quiet, aligned=args.aligned, norm=norm, toolkits=toolkits)
     else:
         from ..data import load_cifar10
         from ..defenses.defense import KNNDefense
@@ -56,7 +58,7 @@ def cmd_toolkits(args: argparse.Namespace) -> None:
                                      names=names, n_test=args.n_test, out_dir=args.out, seed=args.seed or 0,
                                      batch_size=args.batch_size, progress=not args.quiet,
                                      cells=lambda sur: defense_cells(clfs[sur], data.sha256, args.cache_dir),
-                                     norm=norm)
+                                     norm=norm, toolkits=toolkits)
     print(render_compare(result))
 
 

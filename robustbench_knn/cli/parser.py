@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--attacks", default=",".join(STANDARD_SUITE), help="attack names (all toolkits of each are run)")
     p.add_argument("--surrogates", default="potential,softknn")
+    p.add_argument("--toolkits", help="run only these toolkits' cells, e.g. ta,aa (default: every toolkit; the "
+                                      "others stay in the table as 'not run')")
     _norm_options(p)
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=250)
