@@ -12,19 +12,24 @@ from ..defenses.loading import is_config_name
 from .parser import _model_config, _threat, check_writable_file
 
 
+def _comma_list(text: str) -> list[str]:
+    """``"a, b,"`` → ``["a", "b"]``: the option's comma-separated names, blanks dropped."""
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
 def cmd_toolkits(args: argparse.Namespace) -> None:
     from ..defenses.surrogate import SURROGATES
     from ..evaluation.toolkit_compare import chosen_toolkits, render_compare, rerender, run_compare, suite_specs
 
-    names = [n.strip() for n in args.attacks.split(",") if n.strip()]
+    names = _comma_list(args.attacks)
     norm, eps = _threat(args)
     suite_specs(names, norm)  # validates the names before any work
-    toolkits = None if args.toolkits is None else [t.strip() for t in args.toolkits.split(",") if t.strip()]
+    toolkits = None if args.toolkits is None else _comma_list(args.toolkits)
     chosen_toolkits(toolkits)
     if args.render_only:
         print(render_compare(rerender(args.out, names, norm)))
         return
-    surrogates = [s.strip() for s in args.surrogates.split(",") if s.strip()]
+    surrogates = _comma_list(args.surrogates)
     bad = [s for s in surrogates if s not in SURROGATES]
     if bad or not surrogates:
         raise UsageError(f"unknown surrogate(s) {bad}; choose from {', '.join(SURROGATES)}")
