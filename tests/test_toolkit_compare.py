@@ -173,3 +173,22 @@ def test_toolkits_option_runs_only_those_toolkits_and_keeps_the_others_as_not_ru
     assert len(art) == 1 and art["robust 8/255"].isna().all()
     md = (out / "toolkits.md").read_text()
     assert "Only the cells of ta were run" in md and md.count("not run") == 3
+
+
+def test_the_table_names_the_weights_it_judged(tiny_clf, tiny_data, tmp_path):
+    """Two models of one config (a retrain elsewhere) give two tables that say which weights each judged."""
+    from robustbench_knn.evaluation.experiment import weights_hash
+    from robustbench_knn.paper.classifier import KNNClassifier
+
+    other = KNNClassifier(tiny_clf.net, tiny_clf.bank + 1e-3, tiny_clf.bank_labels, tiny_clf.cfg)
+    tables = {}
+    for tag, clf in (("own", tiny_clf), ("other", other)):
+        res = toolkit_compare.compare_classifiers({"potential": clf}, tiny_data, [8 / 255], name="full",
+                                                  config_hash=tiny_clf.cfg.config_hash(), names=["kfgsm"],
+                                                  n_test=10, out_dir=tmp_path / tag, progress=False)
+        stored = json.loads((tmp_path / tag / "toolkits.json").read_text())
+        assert stored["weights_hash"] == res["weights_hash"] == weights_hash(clf)
+        assert f"weights {weights_hash(clf)}" in (tmp_path / tag / "toolkits.md").read_text()
+        tables[tag] = stored
+    assert tables["own"]["config_hash"] == tables["other"]["config_hash"]
+    assert tables["own"]["weights_hash"] != tables["other"]["weights_hash"]

@@ -27,7 +27,7 @@ from ..paper.train import train_model
 from ..store import read_json, write_json, write_text
 from .distributed import current
 from .evaluate import provenance, robust_mask, run_attacks, versions
-from .experiment import DATASET_NAME, _eps_label, cell_dir
+from .experiment import DATASET_NAME, _eps_label, cell_dir, weights_hash
 
 PAPER = {8: 45.48, 16: 35.69}  # the paper's Table 1 robust accuracy of FULL at ε = 8/255, 16/255
 
@@ -110,7 +110,9 @@ def compare_classifiers(clfs: dict[str, torch.nn.Module], data: Any, eps_list: l
     x, y = sub.floats(), sub.y
     out = Path(out_dir)
     result: dict[str, Any] = {
-        "model": name, "config_hash": config_hash, "k": getattr(first, "k", None), "dataset": DATASET_NAME,
+        # the weights judged, not only the recipe: a retrain of the same config elsewhere is another model
+        "model": name, "config_hash": config_hash, "weights_hash": weights_hash(first),
+        "k": getattr(first, "k", None), "dataset": DATASET_NAME,
         "dataset_sha256": data.sha256, "n_test": len(x), "seed": seed, "device": str(first.device).split(":")[0],
         "versions": versions(), **provenance(first.device), "eps": eps_list, "surrogates": surrogates, "cells": [],
         "aligned": bool(getattr(first, "aligned", False)), "threat_model": norm,
@@ -199,7 +201,8 @@ def render_compare(result: dict[str, Any]) -> str:
     df = compare_frame(result)
     clean = 100 * sum(result["clean_correct"]) / len(result["clean_correct"])
     lines = [
-        f"# Cross-toolkit robust accuracy: {result['model']} ({result['config_hash']}, k={result['k']})",
+        f"# Cross-toolkit robust accuracy: {result['model']} ({result['config_hash']}"
+        + (f", weights {result['weights_hash']}" if result.get("weights_hash") else "") + f", k={result['k']})",
         "",
         f"{result['dataset']}, first {result['n_test']} test images (clean k-NN accuracy on them {clean:.2f}%), "
         f"{'l∞' if result.get('threat_model', 'Linf') == 'Linf' else 'l2'}, judged by the hard k-NN vote; only clean-correct points are attacked. Seed {result['seed']}, "
