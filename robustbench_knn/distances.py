@@ -52,7 +52,7 @@ def _bank_terms(sb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sb.pow(2).sum(-1).unsqueeze(1), sb.transpose(1, 2).contiguous()
 
 
-_LAST_BANK: list[Any] = []  # [weak ref to the bank, its version, n_spaces, its terms]: the bank attacks step on
+_LAST_BANK: list[Any] = []  # [(weak ref to the bank,), (its version,), n_spaces, its terms]: the bank attacks step on
 _LAST_GROUPED: list[Any] = []  # [weak refs to bank and labels, their versions, n_spaces, the grouped terms]
 
 
@@ -69,10 +69,10 @@ def fixed_bank_terms(b: torch.Tensor, n_spaces: int) -> tuple[torch.Tensor, torc
     matched) and version (an in-place edit bumps it)."""
     if b.is_inference():  # an inference tensor keeps no version counter: never kept
         return _bank_terms(split_spaces(b, n_spaces))
-    if _LAST_BANK and _LAST_BANK[0]() is b and _LAST_BANK[1] == b._version and _LAST_BANK[2] == n_spaces:
+    if _is_kept(_LAST_BANK, (b,), n_spaces):
         return _LAST_BANK[3]
     terms = _bank_terms(split_spaces(b, n_spaces))
-    _LAST_BANK[:] = [weakref.ref(b), b._version, n_spaces, terms]
+    _LAST_BANK[:] = [(weakref.ref(b),), (b._version,), n_spaces, terms]
     return terms
 
 

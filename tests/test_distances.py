@@ -38,7 +38,7 @@ def test_the_kept_bank_layout_follows_the_bank():
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(5, 8, generator=g, dtype=torch.float64), torch.randn(30, 8, generator=g, dtype=torch.float64)
     first = attack_step(a, b, 2)
-    assert distances._LAST_BANK and distances._LAST_BANK[0]() is b  # kept
+    assert distances._LAST_BANK and distances._LAST_BANK[0][0]() is b  # kept
     kept = distances._LAST_BANK[3]
     again = attack_step(a, b, 2)
     assert distances._LAST_BANK[3] is kept  # reused, same values
