@@ -162,3 +162,47 @@ def test_eps_plot(tmp_path):
     png = plot_eps_curves({"a": [(0, 90.0), (8 / 255, 40.0)], "worst case": [(0, 90.0), (8 / 255, 30.0)]},
                           tmp_path / "e.png")
     assert png.is_file() and png.stat().st_size > 1000
+
+
+def test_audit_refuses_the_active_test_on_a_logit_model_before_training(tiny_data_dir, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    rc = main(["audit", "--model", "a", "--eps", "8/255", "--active-test", "5", "--n-test", "10", "--quiet",
+               "--data-dir", str(tiny_data_dir), "--cache-dir", str(cache), "--out", str(tmp_path / "o"),
+               *[a for s in TINY_SETS for a in ("--set", s)]])
+    assert rc == 2 and "logit classifier" in capsys.readouterr().err
+    assert not cache.exists() or not any(cache.rglob("*.safetensors"))  # refused before any model was trained
+    assert not (tmp_path / "o").exists()
+
+
+def test_audit_of_a_config_model_crafts_transfer_on_the_named_source(tiny_data_dir, cache_dir, monkeypatch):
+    import robustbench_knn.evaluation.audit as audit_module
+
+    seen = {}
+
+    def record(clf, x, y, eps, **kw):  # the audit's inputs, without running its attacks
+        seen.update(kw)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(audit_module, "run_audit", record)
+    cfg = _model_config(build_parser().parse_args(["audit", "--model", "a",
+                                                   *[a for s in TINY_SETS for a in ("--set", s)]]))
+    with pytest.raises(RuntimeError, match="stop"):
+        audit_module.audit(cfg, 8 / 255, n_test=10, data_dir=str(tiny_data_dir), cache_dir=str(cache_dir),
+                           device="cpu", progress=False, transfer_source="b")
+    assert seen["overrides"]["native:transfer"]["source"] == "b"
+    assert "transfer" in seen["adaptive"] and not seen["notes"]  # not skipped as row A's own weights
+
+
+def test_run_audit_refuses_the_active_test_on_a_logit_classifier_before_attacking(tiny_data, monkeypatch):
+    import robustbench_knn.evaluation.audit as audit_module
+    from robustbench_knn.config import UsageError
+    from robustbench_knn.defenses.defense import ModuleClassifier
+
+    def no_attacks(*args, **kw):
+        raise AssertionError("attacked before refusing the active test")
+
+    monkeypatch.setattr(audit_module, "run_attacks", no_attacks)
+    logits = ModuleClassifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)))
+    x, y = _batch(tiny_data, 10)
+    with pytest.raises(UsageError, match="logit classifier"):
+        run_audit(logits, x, y, 8 / 255, active_points=5, **SMALL)

@@ -81,7 +81,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     from ..defenses.surrogate import SURROGATES
-    from ..evaluation.audit import audit, audit_classifier, check_active_norm
+    from ..evaluation.audit import audit, audit_classifier, check_active
     from ..evaluation.cards import eps_label
     from ..reports.audit_report import attacks_frame, checks_frame, save_audit
 
@@ -107,14 +107,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise UsageError(f"--n-test must be <= {TEST_SET_SIZE} (the size of the test set)")
     if args.active_test < 0:
         raise UsageError("--active-test must be >= 0 (the number of points)")
-    check_active_norm(args.active_test, norm)
+    check_active(args.active_test, norm)
     if args.transfer_source is not None:
         get_model_config(args.transfer_source)  # an unknown row: one line before any work
     if is_config_name(args.model):
         res = audit(_model_config(args), eps[0], n_test=args.n_test, quick=args.quick, data_dir=args.data_dir,
                     cache_dir=args.cache_dir, device=args.device, seed=args.seed or 0, surrogate=args.surrogate,
                     batch_size=args.batch_size, progress=not args.quiet, active_points=args.active_test,
-                    norm=norm, certify=not args.no_certify)
+                    norm=norm, certify=not args.no_certify, transfer_source=args.transfer_source)
     else:
         from ..data import load_cifar10
         from ..defenses.loading import resolve_model

@@ -235,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-certify", action="store_true",
                    help="skip the certified lower bounds drawn under the ε sweep (k-NN defenses)")
     p.add_argument("--transfer-source", metavar="ROW",
-                   help="source of the transfer attack for a defense without a config of this project (e.g. a: "
-                        "Table 2's row A); without it such an audit skips transfer and says so")
+                   help="source of the transfer attack (a row of Table 2, e.g. a: row A, at FULL's size); needed for a "
+                        "defense without a config of this project (without it such an audit skips transfer and "
+                        "says so); a model of this project defaults to row A at its own size")
     p.add_argument("--figure3", action="store_true",
                    help="instead: draw the paper's Figure 3 (trains N_S=4, d=3 without noise if not cached)")
 

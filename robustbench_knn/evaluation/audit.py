@@ -22,6 +22,7 @@ from ..attacks import STANDARD_SUITE, get_attack, parse_attack_list
 from ..attacks.adaptive import ADAPTIVE_SUITE
 from ..attacks.transfer import trained_sources, transfer_sources
 from ..config import ExperimentConfig, UsageError
+from ..defenses.defense import KNNDefense
 from .audit_checks import (
     active_checks,
     attack_checks,
@@ -142,10 +143,14 @@ def eps_curves(run: _Runner, swept: list[str], sweep_eps: tuple[float, ...] | li
     return curves
 
 
-def check_active_norm(active_points: int, norm: str) -> None:
-    """The active test exists in ℓ∞ only: refused in another norm, before any work."""
+def check_active(active_points: int, norm: str, *, knn: bool = True) -> None:
+    """The active test exists in ℓ∞ only and for k-NN defenses (it plants its examples in a bank over the
+    defense's embedding): refused otherwise, before any work."""
     if active_points and norm != "Linf":
         raise UsageError("the active test plants its examples in the ℓ∞ ball; run it with --norm Linf")
+    if active_points and not knn:
+        raise UsageError("the active test plants its examples in a k-NN defense's bank, and a logit classifier has "
+                         "none: leave out --active-test")
 
 
 def run_audit(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
@@ -169,7 +174,7 @@ def run_audit(clf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     """
     t0 = time.perf_counter()
     overrides = dict(overrides or {})
-    check_active_norm(active_points, norm)
+    check_active(active_points, norm, knn=isinstance(clf, KNNDefense))
     opts: dict[str, Any] = {"batch_size": batch_size, "progress": progress, "seed": seed, "norm": norm}
     if cell_dir is not None:
         opts["cell_dir"] = cell_dir
@@ -258,8 +263,9 @@ def transfer_unavailable(clf: torch.nn.Module, target_cfg: ExperimentConfig | No
 def audit(cfg: ExperimentConfig, eps: float, *, n_test: int = 500, quick: bool = False, data_dir: str | None = None,
           cache_dir: str | None = None, device: str = "auto", seed: int = 0, surrogate: str = "potential",
           batch_size: int = 250, progress: bool = True, active_points: int = 0, norm: str = "Linf",
-          certify: bool = True) -> dict[str, Any]:
-    """Train or load ``cfg`` (as ``benchmark_config`` does) and audit it on the first ``n_test`` test images."""
+          certify: bool = True, transfer_source: str | None = None) -> dict[str, Any]:
+    """Train or load ``cfg`` (as ``benchmark_config`` does) and audit it on the first ``n_test`` test images;
+    ``transfer_source`` as in :func:`audit_classifier` (default: row A at ``cfg``'s size)."""
     from ..data import load_cifar10
     from ..devices import resolve_device
     from ..paper.classifier import build_classifier
@@ -268,13 +274,15 @@ def audit(cfg: ExperimentConfig, eps: float, *, n_test: int = 500, quick: bool =
 
     if n_test < 1:
         raise UsageError("--n-test must be >= 1")
+    check_active(active_points, norm, knn=cfg.model.head != "logits")
     dev = resolve_device(device)
     data = load_cifar10(data_dir)
     clf = build_classifier(train_model(cfg, data, device=dev, cache_dir=cache_dir, progress=progress), surrogate)
     return audit_classifier(clf, data, eps, name=cfg.name, config_hash=cfg.config_hash(), config=cfg.to_dict(),
                             target_cfg=cfg, n_test=n_test, quick=quick, cache_dir=cache_dir, seed=seed,
                             batch_size=batch_size, progress=progress, active_points=active_points,
-                            cells=cell_dir(cfg, surrogate, data.sha256, cache_dir), norm=norm, certify=certify)
+                            cells=cell_dir(cfg, surrogate, data.sha256, cache_dir), norm=norm, certify=certify,
+                            transfer_source=transfer_source)
 
 
 def audit_classifier(clf: torch.nn.Module, data: Any, eps: float, *, name: str, config_hash: str,
