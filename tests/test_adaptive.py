@@ -8,7 +8,7 @@ from robustbench_knn.attacks import get_attack, parse_attack_list
 from robustbench_knn.attacks.adaptive import ADAPTIVE_SUITE
 from robustbench_knn.attacks.knn_tools import embed_batched, swap_gap, vote_state
 from robustbench_knn.attacks.transfer import source_config, trained_sources, transfer_sources
-from robustbench_knn.config import ModelConfig, UsageError
+from robustbench_knn.config import ModelConfig, UsageError, get_model_config
 from robustbench_knn.defenses.knn import knn_votes, vote_margin
 from robustbench_knn.evaluation.evaluate import check_adversarial, run_attacks
 from robustbench_knn.paper.classifier import KNNClassifier
@@ -186,6 +186,15 @@ def test_source_config_is_the_row_at_the_targets_size():
     same = source_config(TINY_CFG, "full", None)
     assert same.train.seed == TINY_CFG.train.seed + 1 and same.config_hash() != TINY_CFG.config_hash()
     assert source_config(TINY_CFG, "full", 7).train.seed == 7
+
+
+def test_a_row_audited_with_another_rows_transfer_gets_that_row_itself():
+    a, b = get_model_config("a"), get_model_config("b")
+    assert source_config(a, "b", None).config_hash() == b.config_hash()  # not row A's net under row B's name
+    assert source_config(b, "a", None).config_hash() == a.config_hash()
+    assert source_config(a, "a", None).train.seed == a.train.seed + 1  # never the attacked weights
+    full_a = source_config(get_model_config("full"), "a", None)
+    assert full_a.config_hash() == a.config_hash()
 
 
 def test_transfer_from_trained_tiny_source(tiny_clf, tiny_data, cache_dir):

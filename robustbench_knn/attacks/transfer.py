@@ -57,17 +57,31 @@ def get_source(name: str, seed: int | None, target: torch.nn.Module) -> torch.nn
     return _BUILT[key]
 
 
+def _is_a_row(cfg: ExperimentConfig) -> bool:
+    """Whether ``cfg`` is one of ``config.MODELS`` unchanged (another seed aside)."""
+    try:
+        row = get_model_config(cfg.name)
+    except UsageError:
+        return False
+    return row.replace(train={"seed": cfg.train.seed}).config_hash() == cfg.config_hash()
+
+
 def source_config(target: ExperimentConfig, name: str, seed: int | None) -> ExperimentConfig:
     """Table 2 row ``name`` at the target's size and training budget: the fields in which the row differs from
-    FULL, applied to the target's config. ``seed`` None keeps the target's seed unless that would rebuild the
-    target itself, in which case seed + 1 is used (a transfer never comes from the attacked weights)."""
+    FULL, applied to the target's config; a target that is itself a row as this project defines it (row A
+    audited with row B's transfer) gets the named row as it is, since the target's own differences from FULL are
+    not its size. ``seed`` None keeps the target's seed unless that would rebuild the target itself, in which
+    case seed + 1 is used (a transfer never comes from the attacked weights)."""
     row, full = get_model_config(name), get_model_config("full")
 
     def delta(section: str) -> dict[str, Any]:
         a, b = getattr(row, section), getattr(full, section)
         return {f.name: getattr(a, f.name) for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)}
 
-    cfg = target.replace(name=name, model=delta("model"), train=delta("train"))  # the row's own cache entry
+    if _is_a_row(target):
+        cfg = row.replace(train={"seed": target.train.seed})
+    else:
+        cfg = target.replace(name=name, model=delta("model"), train=delta("train"))  # the row's own cache entry
     if seed is not None:
         return cfg.replace(train={"seed": int(seed)})
     if cfg.config_hash() == target.config_hash():
