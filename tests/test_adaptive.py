@@ -195,6 +195,8 @@ def test_a_row_audited_with_another_rows_transfer_gets_that_row_itself():
     assert source_config(a, "a", None).train.seed == a.train.seed + 1  # never the attacked weights
     full_a = source_config(get_model_config("full"), "a", None)
     assert full_a.config_hash() == a.config_hash()
+    long_a = source_config(get_model_config("full-100ep"), "a", None)  # the target's budget, row A's architecture
+    assert long_a.train.epochs == 100 and long_a.replace(train={"epochs": a.train.epochs}).config_hash() == a.config_hash()
 
 
 def test_transfer_from_trained_tiny_source(tiny_clf, tiny_data, cache_dir):

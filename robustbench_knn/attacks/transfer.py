@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ..config import ExperimentConfig, UsageError, get_model_config
+from ..config import MODELS, ExperimentConfig, UsageError, get_model_config
 from .apgd_core import apgd
 from .base import Attack, get_attack, input_gradient, register
 
@@ -57,31 +57,25 @@ def get_source(name: str, seed: int | None, target: torch.nn.Module) -> torch.nn
     return _BUILT[key]
 
 
-def _is_a_row(cfg: ExperimentConfig) -> bool:
-    """Whether ``cfg`` is one of ``config.MODELS`` unchanged (another seed aside)."""
-    try:
-        row = get_model_config(cfg.name)
-    except UsageError:
-        return False
-    return row.replace(train={"seed": cfg.train.seed}).config_hash() == cfg.config_hash()
+def _delta(cfg: ExperimentConfig, base: ExperimentConfig, section: str) -> dict[str, Any]:
+    """The fields of ``section`` in which ``cfg`` differs from ``base``, with ``cfg``'s values."""
+    a, b = getattr(cfg, section), getattr(base, section)
+    return {f.name: getattr(a, f.name) for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)}
 
 
 def source_config(target: ExperimentConfig, name: str, seed: int | None) -> ExperimentConfig:
-    """Table 2 row ``name`` at the target's size and training budget: the fields in which the row differs from
-    FULL, applied to the target's config; a target that is itself a row as this project defines it (row A
-    audited with row B's transfer) gets the named row as it is, since the target's own differences from FULL are
-    not its size. ``seed`` None keeps the target's seed unless that would rebuild the target itself, in which
-    case seed + 1 is used (a transfer never comes from the attacked weights)."""
+    """Table 2 row ``name`` at the target's size and training budget: the target's config with the architecture
+    of the row it was made from (by its name; FULL for another name) taken back to FULL's where the target kept
+    it, then the fields in which row ``name`` differs from FULL. The rows differ from FULL in architecture
+    (identity init, shared decoders, head) and budget (epochs), never in size; so row A audited with row B's
+    transfer gets row B itself, FULL at 100 epochs a 100-epoch row A, a gate-sized FULL a gate-sized row.
+    ``seed`` None keeps the target's seed unless that would rebuild the target itself, in which case seed + 1 is
+    used (a transfer never comes from the attacked weights)."""
     row, full = get_model_config(name), get_model_config("full")
-
-    def delta(section: str) -> dict[str, Any]:
-        a, b = getattr(row, section), getattr(full, section)
-        return {f.name: getattr(a, f.name) for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)}
-
-    if _is_a_row(target):
-        cfg = row.replace(train={"seed": target.train.seed})
-    else:
-        cfg = target.replace(name=name, model=delta("model"), train=delta("train"))  # the row's own cache entry
+    own = MODELS.get(target.name.lower(), full)
+    size = target.replace(model={f: getattr(full.model, f) for f, v in _delta(own, full, "model").items()
+                                 if getattr(target.model, f) == v})
+    cfg = size.replace(name=name, model=_delta(row, full, "model"), train=_delta(row, full, "train"))
     if seed is not None:
         return cfg.replace(train={"seed": int(seed)})
     if cfg.config_hash() == target.config_hash():
