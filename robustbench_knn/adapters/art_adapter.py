@@ -1,7 +1,8 @@
 """adversarial-robustness-toolbox (prefix ``art:``): a ``PyTorchClassifier`` over the classifier's logits.
 Defaults: PGD as torchattacks (10 steps, ε/4, random start); APGD 100 iterations, 1 restart, initial step
 2ε (AutoAttack's); Square 5000 queries; ART's AutoAttack with its default attack list. Every one takes ART's
-``norm=2`` for ℓ2."""
+``norm=2`` for ℓ2. A query-only attack (Square) asks the model through :class:`QueryCache`, which answers the
+points ART asks about again from a memo: the same attack at AutoAttack's cost per query."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from art.attacks.evasion import AutoAttack, AutoProjectedGradientDescent, Projec
 from art.estimators.classification import PyTorchClassifier
 
 from ..attacks.base import Attack, register
+from .query_cache import QueryCache
 
 
 def art_estimator(model: torch.nn.Module) -> PyTorchClassifier:
@@ -32,7 +34,8 @@ class ARTAttack(Attack):
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         seed = self.params.get("seed", 0)
         np.random.seed(seed)  # ART draws random starts and Square's squares from numpy's global generator
-        atk = self.build(art_estimator(self.model), self.eps, len(x), np.inf if self.norm == "Linf" else 2,
+        model = self.model if self.gradient_source else QueryCache(self.model, capacity=max(4096, 4 * len(x)))
+        atk = self.build(art_estimator(model), self.eps, len(x), np.inf if self.norm == "Linf" else 2,
                          **self.params)
         x_adv = atk.generate(x=x.detach().cpu().numpy(), y=y.detach().cpu().numpy())
         return torch.from_numpy(x_adv).to(x.device, x.dtype)
