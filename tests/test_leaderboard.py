@@ -219,20 +219,60 @@ def test_runs_on_the_same_images_join_per_image(tmp_path):
         evaluate_result([1, 1, 0, 0, 0], clean))
     put(cards / "cascade", "evaluate-full-b5b426410067-potential", card("full", worst="40.00", clean="80.00", n=5),
         evaluate_result([0, 1, 1, 0, 0], clean))
-    # a run on other images (n = 3) is not joined; its own lower figure on them still competes as a run
-    put(cards / "small", "evaluate-full-b5b426410067-potential", card("full", worst="33.33", n=3),
-        evaluate_result([0, 1, 0], clean[:3]))
     html, _ = build(tmp_path)
     (row,) = html.tables[0]["dicts"]
     assert (row["worst case %"], row["clean %"], row["n"]) == ("20.00", "80.00", "5")
     csv_row = next(csv.DictReader(io.StringIO((tmp_path / "out" / "leaderboard.csv").read_text())))
     assert "union of aa/evaluate-potential, cascade/evaluate-potential" in str(csv_row)
-    # a single run on more images is not joined with the runs on fewer; the pair on 5 still is (planted: only the
-    # largest n tried, so a lone 10-image run hides the union)
-    put(cards / "big", "evaluate-full-b5b426410067-potential", card("full", worst="30.00", n=10),
-        evaluate_result([1, 0, 0, 1, 0, 0, 1, 0, 0, 0], clean * 2))
+
+
+def test_runs_of_different_n_join_on_their_common_prefix(tmp_path):
+    # planted (each failed this test): runs of different n left unjoined (the 3-image run's own 33.33); a short
+    # run's breaks counted past its last image (14.29); the join taken only on the images every run attacked
+    cards = tmp_path / "cards"
+    clean = [1, 1, 1, 1, 1, 1, 0]
+    put(cards / "aa", "evaluate-full-b5b426410067-potential", card("full", worst="57.14", clean="85.71", n=7),
+        evaluate_result([1, 1, 1, 1, 0, 0, 0], clean))
+    put(cards / "small", "evaluate-full-b5b426410067-potential", card("full", worst="33.33", clean="100.00", n=3),
+        evaluate_result([0, 0, 1], clean[:3]))
     html, _ = build(tmp_path)
-    assert html.tables[0]["dicts"][0]["worst case %"] == "20.00"
+    (row,) = html.tables[0]["dicts"]
+    # images 0-2 judged by both runs, 3-6 by the 7-image run alone: robust 2, 3 -> 2 of 7
+    assert (row["worst case %"], row["clean %"], row["n"]) == ("28.57", "85.71", "7")
+    csv_row = next(csv.DictReader(io.StringIO((tmp_path / "out" / "leaderboard.csv").read_text())))
+    assert "union of small/evaluate-potential, aa/evaluate-potential" in str(csv_row)
+
+
+def test_the_verdict_comes_from_the_audit_on_the_rows_images(tmp_path):
+    # planted: the verdict of the lowest audit (a 3-image one) shown beside the 5-image row's figure; on a tie of
+    # joins the fewer images preferred
+    cards = tmp_path / "cards"
+    clean = [1, 1, 1, 1, 0]
+    small = audit_result("full", "b5b426410067", reported=10.0, upper=0.0, status="TRUSTED")
+    small.update(main={"clean_correct": clean[:3]}, worst_case_robust=[0, 0, 0])
+    big = audit_result("full", "b5b426410067", reported=45.0, upper=40.0, status="NOT TRUSTED")
+    big.update(main={"clean_correct": clean}, worst_case_robust=[1, 1, 0, 0, 0])
+    put(cards / "small", "audit-full-b5b426410067-eps8", card("full", worst="0.00", clean="100.00", n=3), small)
+    put(cards / "big", "audit-full-b5b426410067-eps8", card("full", worst="40.00", clean="80.00", n=5), big)
+    html, _ = build(tmp_path)
+    (row,) = html.tables[0]["dicts"]
+    assert (row["worst case %"], row["n"]) == ("0.00", "5")
+    assert (row["audit verdict"], row["standard suite %"]) == ("NOT TRUSTED", "45.00")
+
+
+def test_a_weak_run_on_more_images_does_not_hide_a_lower_join_on_fewer(tmp_path):
+    # planted: the row always on the most images (a weak 10-image run's 70.00 hides the 5-image pair's 20.00)
+    cards = tmp_path / "cards"
+    clean = [1, 1, 1, 1, 0]
+    put(cards / "aa", "evaluate-full-b5b426410067-potential", card("full", worst="40.00", clean="80.00", n=5),
+        evaluate_result([1, 1, 0, 0, 0], clean))
+    put(cards / "cascade", "evaluate-full-b5b426410067-potential", card("full", worst="40.00", clean="80.00", n=5),
+        evaluate_result([0, 1, 1, 0, 0], clean))
+    put(cards / "weak", "evaluate-full-b5b426410067-potential", card("full", worst="70.00", clean="80.00", n=10),
+        evaluate_result([1, 1, 1, 1, 0, 1, 1, 1, 1, 0], clean * 2))
+    html, _ = build(tmp_path)
+    (row,) = html.tables[0]["dicts"]
+    assert (row["worst case %"], row["n"]) == ("20.00", "5")
 
 
 def test_links_are_relative_to_the_output_folder(tmp_path, monkeypatch):

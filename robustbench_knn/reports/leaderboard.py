@@ -6,7 +6,8 @@ and the config) and an evaluate/benchmark card (any other ``<kind>-<name>-<hash>
 cards of its further ε). Cards of the same model (name *and* weights/config hash), threat model and ε become one
 row: the worst case is the lowest figure any of them reached, since each is an upper bound on the true robust
 accuracy and the lowest is the tightest, or lower still the per-image union of their breaks (``union.py``) where
-their results hold per-image data for the same images. Rows are ranked within each ε (figures at different ε do not compare).
+their results hold per-image data: on the first n images (each n some run used), each image judged by every run that
+reached it. Rows are ranked within each ε (figures at different ε do not compare).
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from tabulate import tabulate
 from ..config import UsageError
 from ..evaluation.cards import eps_label
 from ..store import read_json, write_text
-from .union import PerSample, per_sample, union
+from .union import PerSample, lowest_union, per_sample
 
 CARD_SUFFIX = ".model-card.json"
 THREAT_ORDER = ("Linf", "L2")  # RobustBench's order; any other threat model follows, alphabetically
 WORST_CASE_TEXT = ("the lowest robust accuracy any run reached on the model at that ε (per-sample worst case over "
                    "every attack of the run; an audit's upper bound), or, lower still, the per-image union of the "
-                   "breaks of the runs on the same images")
+                   "runs' breaks on the first n test images, each image judged by every run that reached it")
 
 
 class UnreadableCard(Exception):
@@ -221,8 +222,14 @@ def _merge(entries: list[Entry]) -> Row:
     # same images; audits first on a tie (their figure is the one with a verdict), then the larger n
     order = sorted(entries, key=lambda e: (e.worst_case is None, e.worst_case if e.worst_case is not None else 0,
                                           e.kind != "audit", -(e.n or 0)))
+    joined = lowest_union([(e.label, e.per_sample) for e in order if e.per_sample is not None])
     best = order[0]
-    audits = [e for e in order if e.audit is not None]
+    # the join where it is lower than every single run, or as low and on more images
+    use_join = joined is not None and (best.worst_case is None or joined[0] < best.worst_case
+                                       or (joined[0] == best.worst_case and joined[2] > (best.n or 0)))
+    row_n = joined[2] if use_join else best.n
+    # the verdict shown is that of an audit on the row's images where there is one
+    audits = sorted((e for e in order if e.audit is not None), key=lambda e: e.n != row_n)
     audit = audits[0].audit if audits else None
     verdict = (audit or {}).get("verdict") or {}
     reported = (audit or {}).get("reported_acc", verdict.get("reported_acc"))
@@ -233,8 +240,7 @@ def _merge(entries: list[Entry]) -> Row:
     certified = [e.certified for e in entries if e.certified is not None]
     curves = (audit or {}).get("eps_curves")
     worst, clean, n, source = best.worst_case, best.clean_acc, best.n, best.label if best.worst_case is not None else ""
-    joined = union([(e.label, e.per_sample) for e in order if e.per_sample is not None])
-    if joined is not None and (worst is None or joined[0] < worst):
+    if use_join:
         worst, clean, n = joined[:3]
         source = "per-image union of " + ", ".join(joined[3])
     return Row(

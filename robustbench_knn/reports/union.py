@@ -3,8 +3,10 @@ attacked it left it robust. Each run's figure is an upper bound on the true robu
 their breaks, and it is at most the lowest of them (two runs that break different images, each 50%, may together
 leave 0%).
 
-Runs are joined only on the images all of them attacked: every run of this project attacks the first N test
-images, so the union is taken over the runs that share the largest N that two or more of them attacked.
+Every run of this project attacks the first N test images, so runs of different N join on a common prefix: on the
+first n images, each image is judged by every run that reached it (image 300 of a 500-image join by the 500-image
+runs alone, image 30 also by a 100-image run). The row takes the lowest such join over the n the runs used; a figure
+on fewer images competes only when it is lower.
 """
 
 from __future__ import annotations
@@ -45,17 +47,18 @@ def per_sample(result: dict[str, Any] | None, kind: str, eps_value: float) -> Pe
     return PerSample(clean, robust)
 
 
-def union(runs: list[tuple[str, PerSample]]) -> tuple[float, float, int, list[str]] | None:
-    """(worst case %, clean %, n, labels of the runs joined) over the runs sharing the largest n that at least two
-    runs share; None where no two runs attacked the same number of images."""
-    if not runs:
+def union(runs: list[tuple[str, PerSample]], n: int) -> tuple[float, float, int, list[str]] | None:
+    """(worst case %, clean %, n, labels of the runs joined) on the first ``n`` images, each judged by every run that
+    attacked it; None for fewer than two runs, or where none attacked ``n`` images."""
+    full = [p for _, p in runs if len(p.robust) >= n]
+    if len(runs) < 2 or not full or n < 1:
         return None
-    sizes = [len(p.robust) for _, p in runs]
-    shared = [n for n in set(sizes) if sizes.count(n) >= 2]
-    if not shared:
-        return None
-    n = max(shared)
-    joined = [(label, p) for label, p in runs if len(p.robust) == n]
-    robust = [int(all(p.robust[i] for _, p in joined)) for i in range(n)]
-    clean = joined[0][1].clean
-    return round(100 * sum(robust) / n, 2), round(100 * sum(clean) / n, 2), n, [label for label, _ in joined]
+    robust = [int(all(p.robust[i] for _, p in runs if i < len(p.robust))) for i in range(n)]
+    clean = full[0].clean[:n]
+    return round(100 * sum(robust) / n, 2), round(100 * sum(clean) / n, 2), n, [label for label, _ in runs]
+
+
+def lowest_union(runs: list[tuple[str, PerSample]]) -> tuple[float, float, int, list[str]] | None:
+    """The lowest ``union`` over the image counts the runs used; on a tie, the one on more images."""
+    joins = [j for n in sorted({len(p.robust) for _, p in runs}, reverse=True) if (j := union(runs, n))]
+    return min(joins, key=lambda j: j[0]) if joins else None
