@@ -211,36 +211,52 @@ def evaluate_result(robust: list[int], clean: list[int], eps: float = EPS8) -> d
             "per_eps": [{"eps": eps, "worst_case_robust": robust}]}
 
 
-def test_runs_on_the_same_images_join_per_image(tmp_path):
-    # planted: the row keeps the lowest single run (50.00) instead of the union of their breaks
-    cards = tmp_path / "cards"
-    clean = [1, 1, 1, 1, 0]
-    put(cards / "aa", "evaluate-full-b5b426410067-potential", card("full", worst="40.00", clean="80.00", n=5),
-        evaluate_result([1, 1, 0, 0, 0], clean))
-    put(cards / "cascade", "evaluate-full-b5b426410067-potential", card("full", worst="40.00", clean="80.00", n=5),
-        evaluate_result([0, 1, 1, 0, 0], clean))
-    html, _ = build(tmp_path)
+def put_run(tmp_path: Path, folder: str, robust: list[int], clean: list[int]) -> None:
+    """An evaluate card and result of FULL ``b5b426410067`` on the first len(robust) images, figures from the bits."""
+    def pct(bits: list[int]) -> str:
+        return f"{100 * sum(bits) / len(bits):.2f}"
+
+    put(tmp_path / "cards" / folder, "evaluate-full-b5b426410067-potential",
+        card("full", worst=pct(robust), clean=pct(clean), n=len(robust)), evaluate_result(robust, clean))
+
+
+def only_row(tmp_path: Path) -> tuple[dict[str, str], str]:
+    """The one row of the built leaderboard, and its CSV line as text (which holds 'worst case from')."""
+    html, out = build(tmp_path)
     (row,) = html.tables[0]["dicts"]
+    return row, str(next(csv.DictReader(io.StringIO((out / "leaderboard.csv").read_text()))))
+
+
+def test_runs_on_the_same_images_join_per_image(tmp_path):
+    # planted: the row keeps the lowest single run (40.00) instead of the union of their breaks
+    clean = [1, 1, 1, 1, 0]
+    put_run(tmp_path, "aa", [1, 1, 0, 0, 0], clean)
+    put_run(tmp_path, "cascade", [0, 1, 1, 0, 0], clean)
+    row, csv_row = only_row(tmp_path)
     assert (row["worst case %"], row["clean %"], row["n"]) == ("20.00", "80.00", "5")
-    csv_row = next(csv.DictReader(io.StringIO((tmp_path / "out" / "leaderboard.csv").read_text())))
-    assert "union of aa/evaluate-potential, cascade/evaluate-potential" in str(csv_row)
+    assert "union of aa/evaluate-potential, cascade/evaluate-potential" in csv_row
 
 
 def test_runs_of_different_n_join_on_their_common_prefix(tmp_path):
     # planted (each failed this test): runs of different n left unjoined (the 3-image run's own 33.33); a short
     # run's breaks counted past its last image (14.29); the join taken only on the images every run attacked
-    cards = tmp_path / "cards"
     clean = [1, 1, 1, 1, 1, 1, 0]
-    put(cards / "aa", "evaluate-full-b5b426410067-potential", card("full", worst="57.14", clean="85.71", n=7),
-        evaluate_result([1, 1, 1, 1, 0, 0, 0], clean))
-    put(cards / "small", "evaluate-full-b5b426410067-potential", card("full", worst="33.33", clean="100.00", n=3),
-        evaluate_result([0, 0, 1], clean[:3]))
-    html, _ = build(tmp_path)
-    (row,) = html.tables[0]["dicts"]
+    put_run(tmp_path, "aa", [1, 1, 1, 1, 0, 0, 0], clean)
+    put_run(tmp_path, "small", [0, 0, 1], clean[:3])
+    row, csv_row = only_row(tmp_path)
     # images 0-2 judged by both runs, 3-6 by the 7-image run alone: robust 2, 3 -> 2 of 7
     assert (row["worst case %"], row["clean %"], row["n"]) == ("28.57", "85.71", "7")
-    csv_row = next(csv.DictReader(io.StringIO((tmp_path / "out" / "leaderboard.csv").read_text())))
-    assert "union of small/evaluate-potential, aa/evaluate-potential" in str(csv_row)
+    assert "union of small/evaluate-potential, aa/evaluate-potential" in csv_row
+
+
+def test_a_weak_run_on_more_images_does_not_hide_a_lower_join_on_fewer(tmp_path):
+    # planted: the row always on the most images (a weak 10-image run's 70.00 hides the 5-image pair's 20.00)
+    clean = [1, 1, 1, 1, 0]
+    put_run(tmp_path, "aa", [1, 1, 0, 0, 0], clean)
+    put_run(tmp_path, "cascade", [0, 1, 1, 0, 0], clean)
+    put_run(tmp_path, "weak", [1, 1, 1, 1, 0, 1, 1, 1, 1, 0], clean * 2)
+    row, _ = only_row(tmp_path)
+    assert (row["worst case %"], row["n"]) == ("20.00", "5")
 
 
 def test_the_verdict_comes_from_the_audit_on_the_rows_images(tmp_path):
@@ -254,25 +270,9 @@ def test_the_verdict_comes_from_the_audit_on_the_rows_images(tmp_path):
     big.update(main={"clean_correct": clean}, worst_case_robust=[1, 1, 0, 0, 0])
     put(cards / "small", "audit-full-b5b426410067-eps8", card("full", worst="0.00", clean="100.00", n=3), small)
     put(cards / "big", "audit-full-b5b426410067-eps8", card("full", worst="40.00", clean="80.00", n=5), big)
-    html, _ = build(tmp_path)
-    (row,) = html.tables[0]["dicts"]
+    row, _ = only_row(tmp_path)
     assert (row["worst case %"], row["n"]) == ("0.00", "5")
     assert (row["audit verdict"], row["standard suite %"]) == ("NOT TRUSTED", "45.00")
-
-
-def test_a_weak_run_on_more_images_does_not_hide_a_lower_join_on_fewer(tmp_path):
-    # planted: the row always on the most images (a weak 10-image run's 70.00 hides the 5-image pair's 20.00)
-    cards = tmp_path / "cards"
-    clean = [1, 1, 1, 1, 0]
-    put(cards / "aa", "evaluate-full-b5b426410067-potential", card("full", worst="40.00", clean="80.00", n=5),
-        evaluate_result([1, 1, 0, 0, 0], clean))
-    put(cards / "cascade", "evaluate-full-b5b426410067-potential", card("full", worst="40.00", clean="80.00", n=5),
-        evaluate_result([0, 1, 1, 0, 0], clean))
-    put(cards / "weak", "evaluate-full-b5b426410067-potential", card("full", worst="70.00", clean="80.00", n=10),
-        evaluate_result([1, 1, 1, 1, 0, 1, 1, 1, 1, 0], clean * 2))
-    html, _ = build(tmp_path)
-    (row,) = html.tables[0]["dicts"]
-    assert (row["worst case %"], row["n"]) == ("20.00", "5")
 
 
 def test_links_are_relative_to_the_output_folder(tmp_path, monkeypatch):
