@@ -259,6 +259,16 @@ def test_a_weak_run_on_more_images_does_not_hide_a_lower_join_on_fewer(tmp_path)
     assert (row["worst case %"], row["n"]) == ("20.00", "5")
 
 
+def test_a_run_on_fewer_images_that_breaks_nothing_more_leaves_the_row_on_more(tmp_path):
+    # planted: the lowest join over every n (the 2-image run's 50.00, though the 6-image runs break its image too)
+    put_run(tmp_path, "aa", [0, 1, 1, 0, 1, 1], [1, 1, 1, 1, 1, 1])
+    put_run(tmp_path, "cascade", [1, 1, 1, 0, 1, 1], [1, 1, 1, 1, 1, 1])
+    put_run(tmp_path, "small", [0, 1], [1, 1])
+    row, csv_row = only_row(tmp_path)
+    assert (row["worst case %"], row["n"]) == ("66.67", "6")
+    assert "union of" in csv_row and "small/evaluate-potential" in csv_row
+
+
 def test_the_verdict_comes_from_the_audit_on_the_rows_images(tmp_path):
     # planted: the verdict of the lowest audit (a 3-image one) shown beside the 5-image row's figure; on a tie of
     # joins the fewer images preferred

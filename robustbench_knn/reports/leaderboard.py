@@ -6,8 +6,8 @@ and the config) and an evaluate/benchmark card (any other ``<kind>-<name>-<hash>
 cards of its further ε). Cards of the same model (name *and* weights/config hash), threat model and ε become one
 row: the worst case is the lowest figure any of them reached, since each is an upper bound on the true robust
 accuracy and the lowest is the tightest, or lower still the per-image union of their breaks (``union.py``) where
-their results hold per-image data: on the first n images (each n some run used), each image judged by every run that
-reached it. Rows are ranked within each ε (figures at different ε do not compare).
+their results hold per-image data: on the first n images, each image judged by every run that reached it, n chosen
+as ``union.py`` says. Rows are ranked within each ε (figures at different ε do not compare).
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ from tabulate import tabulate
 from ..config import UsageError
 from ..evaluation.cards import eps_label
 from ..store import read_json, write_text
-from .union import PerSample, lowest_union, per_sample
+from .union import PerSample, per_sample, row_union
 
 CARD_SUFFIX = ".model-card.json"
 THREAT_ORDER = ("Linf", "L2")  # RobustBench's order; any other threat model follows, alphabetically
 WORST_CASE_TEXT = ("the lowest robust accuracy any run reached on the model at that ε (per-sample worst case over "
                    "every attack of the run; an audit's upper bound), or, lower still, the per-image union of the "
-                   "runs' breaks on the first n test images, each image judged by every run that reached it")
+                   "runs' breaks on the first n test images, each image judged by every run that reached it (n: "
+                   "the most images on which runs on fewer break nothing more, or more where that is lower)")
 
 
 class UnreadableCard(Exception):
@@ -222,10 +223,12 @@ def _merge(entries: list[Entry]) -> Row:
     # same images; audits first on a tie (their figure is the one with a verdict), then the larger n
     order = sorted(entries, key=lambda e: (e.worst_case is None, e.worst_case if e.worst_case is not None else 0,
                                           e.kind != "audit", -(e.n or 0)))
-    joined = lowest_union([(e.label, e.per_sample) for e in order if e.per_sample is not None])
-    best = order[0]
-    # the join where it is lower than every single run, or as low and on more images
-    use_join = joined is not None and (best.worst_case is None or joined[0] < best.worst_case
+    joined = row_union([(e.label, e.per_sample) for e in order if e.per_sample is not None])
+    # a run with per-image data is inside the join, which chose its n (union.py); runs without compete on their figure
+    rivals = order if joined is None else [e for e in order if e.per_sample is None]
+    best = rivals[0] if rivals else None
+    # the join where it is lower than every rival, or as low and on more images
+    use_join = joined is not None and (best is None or best.worst_case is None or joined[0] < best.worst_case
                                        or (joined[0] == best.worst_case and joined[2] > (best.n or 0)))
     row_n = joined[2] if use_join else best.n
     # the verdict shown is that of an audit on the row's images where there is one
@@ -239,18 +242,21 @@ def _merge(entries: list[Entry]) -> Row:
     config = next((e.config for e in audits + order if e.config), None)
     certified = [e.certified for e in entries if e.certified is not None]
     curves = (audit or {}).get("eps_curves")
-    worst, clean, n, source = best.worst_case, best.clean_acc, best.n, best.label if best.worst_case is not None else ""
     if use_join:
         worst, clean, n = joined[:3]
         source = "per-image union of " + ", ".join(joined[3])
+    else:
+        worst, clean, n = best.worst_case, best.clean_acc, best.n
+        source = best.label if best.worst_case is not None else ""
+    head = order[0]
     return Row(
-        threat_model=best.threat_model, eps=best.eps, eps_value=best.eps_value, name=best.name, hash=best.hash,
+        threat_model=head.threat_model, eps=head.eps, eps_value=head.eps_value, name=head.name, hash=head.hash,
         clean_acc=clean if clean is not None else next((e.clean_acc for e in order if e.clean_acc is not None), None),
         reported_acc=_num(reported), worst_case=worst, worst_case_from=source,
         verdict=str(verdict.get("status") or ""), verdict_text=str(verdict.get("text") or ""),
         unreliable=unreliable, n=n if n is not None else next((e.n for e in order if e.n is not None), None),
         recipe=recipe_of(config), certified=max(certified) if certified else None,
-        dataset=best.dataset or next((e.dataset for e in order if e.dataset), ""), entries=order,
+        dataset=head.dataset or next((e.dataset for e in order if e.dataset), ""), entries=order,
         curves=curves if isinstance(curves, dict) and curves else None,
         standard=[str(k) for k in (audit or {}).get("standard") or []],
         audit_eps=_num((audit or {}).get("eps")))

@@ -5,8 +5,11 @@ leave 0%).
 
 Every run of this project attacks the first N test images, so runs of different N join on a common prefix: on the
 first n images, each image is judged by every run that reached it (image 300 of a 500-image join by the 500-image
-runs alone, image 30 also by a 100-image run). The row takes the lowest such join over the n the runs used; a figure
-on fewer images competes only when it is lower.
+runs alone, image 30 also by a 100-image run). Which n sets the row: the most images on which the shorter runs break
+nothing that the runs reaching all n images left robust (there the longer runs are, on the evidence, as strong as
+every run, so more images only sharpen the figure), or a larger n where its join is lower still. A strong audit on
+100 images that breaks points a weak 10 000-image run missed thus keeps the row on its 100 images, while a 100-image
+audit that only repeats the breaks of 500-image runs leaves the row on 500.
 """
 
 from __future__ import annotations
@@ -58,7 +61,20 @@ def union(runs: list[tuple[str, PerSample]], n: int) -> tuple[float, float, int,
     return round(100 * sum(robust) / n, 2), round(100 * sum(clean) / n, 2), n, [label for label, _ in runs]
 
 
-def lowest_union(runs: list[tuple[str, PerSample]]) -> tuple[float, float, int, list[str]] | None:
-    """The lowest ``union`` over the image counts the runs used; on a tie, the one on more images."""
-    joins = [j for n in sorted({len(p.robust) for _, p in runs}, reverse=True) if (j := union(runs, n))]
+def shorter_runs_add_breaks(runs: list[tuple[str, PerSample]], n: int) -> bool:
+    """Whether a run on fewer than ``n`` images breaks, among them, one that every run reaching ``n`` left robust."""
+    longer = [p for _, p in runs if len(p.robust) >= n]
+    return any(not p.robust[i] and all(q.robust[i] for q in longer)
+               for _, p in runs if len(p.robust) < n for i in range(len(p.robust)))
+
+
+def row_union(runs: list[tuple[str, PerSample]]) -> tuple[float, float, int, list[str]] | None:
+    """The join that sets a leaderboard row (module docstring): the lowest ``union`` at or above the most images on
+    which the shorter runs add no break; on a tie, the one on more images. None for fewer than two runs."""
+    sizes = sorted({len(p.robust) for _, p in runs}, reverse=True)
+    if not sizes:
+        return None
+    # the smallest size has no shorter runs, so some size always qualifies
+    least = next(n for n in sizes if not shorter_runs_add_breaks(runs, n))
+    joins = [j for n in sizes if n >= least and (j := union(runs, n))]
     return min(joins, key=lambda j: j[0]) if joins else None
