@@ -3,6 +3,7 @@ inputs, with the outputs checked equal. Needs a git checkout (the earlier packag
 
     python benchmarks/compare_commit.py d13cbf1 [--n-test 10000 --n-bank 50000 --k 800]
     python benchmarks/compare_commit.py 8bf4998 --dim 2078 --spaces 1 --n-test 1000   # deep k-NN's wide bank
+    python benchmarks/compare_commit.py c874214 --subject deep_knn_a --n-test 500  # real features, the subject's k
 """
 
 from __future__ import annotations
@@ -52,16 +53,30 @@ def timed(fn, repeats: int = 1) -> tuple[float, object]:
     return (time.perf_counter() - t0) / repeats, out
 
 
+def subject_embeddings(name: str, n_test: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """(test embeddings, bank, bank labels, sub-spaces, k) of a subject of ``defenses.subjects`` ($ROBUSTBENCH_KNN_DATA)."""
+    from robustbench_knn.data import load_cifar10
+    from robustbench_knn.defenses import subjects
+
+    defense = getattr(subjects, name)(device="cpu")
+    with torch.no_grad():
+        emb = defense.embed(load_cifar10(None).test.head(n_test).floats())
+    return emb, defense.bank, defense.bank_labels, defense.n_spaces, defense.k
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("rev")
     ap.add_argument("--n-test", type=int, default=10000)
     ap.add_argument("--n-bank", type=int, default=50000)
-    ap.add_argument("--k", type=int, default=800)
+    ap.add_argument("--k", type=int, help="k of the vote (default: 800, or the subject's own)")
     ap.add_argument("--attack-batch", type=int, default=250)
     ap.add_argument("--dim", type=int, default=30, help="embedding width (30: FULL; 2078: row A's features)")
     ap.add_argument("--spaces", type=int, default=2, help="sub-spaces of the distance (2: FULL; 1: plain l2)")
     ap.add_argument("--query-batch", type=int, default=30, help="images per query of a query-only attack (Square)")
+    ap.add_argument("--subject", choices=("deep_knn_a", "raw_pixel_knn"),
+                    help="the real embeddings of the first N test images and the bank of this subject (trained or "
+                         "loaded from the cache), instead of random ones; --dim and --spaces are the subject's")
     args = ap.parse_args()
 
     import robustbench_knn.defenses.knn as new_knn
@@ -74,14 +89,21 @@ def main() -> None:
         old_losses = import_either("rbk_ref.defenses.potential", "rbk_ref.paper.losses", "rbk_ref.losses")
         old_dist = import_either("rbk_ref.distances", "rbk_ref.paper.losses", "rbk_ref.losses")
         g = torch.Generator().manual_seed(0)
-        emb = torch.randn(args.n_test, args.dim, generator=g) * 3
-        bank = torch.randn(args.n_bank, args.dim, generator=g) * 3
-        labels = torch.randint(0, 10, (args.n_bank,), generator=g)
+        if args.subject:
+            emb, bank, labels, args.spaces, k = subject_embeddings(args.subject, args.n_test)
+            args.k = args.k or k
+            args.n_bank, args.dim = bank.shape
+        else:
+            emb = torch.randn(args.n_test, args.dim, generator=g) * 3
+            bank = torch.randn(args.n_bank, args.dim, generator=g) * 3
+            labels = torch.randint(0, 10, (args.n_bank,), generator=g)
+        args.k = args.k or 800
         kw = dict(k=args.k, n_spaces=args.spaces, n_classes=10)
         t_old, p_old = timed(lambda: old_knn.knn_predict(emb, bank, labels, **kw))
         t_new, p_new = timed(lambda: new_knn.knn_predict(emb, bank, labels, **kw))
         print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}")
-        print(f"width {args.dim}, {args.spaces} sub-space(s)")
+        print(f"width {args.dim}, {args.spaces} sub-space(s)" + (f", {args.subject}'s features of CIFAR-10 (JPEG q75)"
+                                                                  if args.subject else ", random"))
         print(f"k-NN {args.n_test} x {args.n_bank}, k={args.k}: {args.rev} {t_old:.2f} s, this checkout "
               f"{t_new:.2f} s, speed-up {t_old / t_new:.2f}x, same predictions: {torch.equal(p_old, p_new)}")
 

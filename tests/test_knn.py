@@ -216,3 +216,45 @@ def test_float32_error_bound_holds_far_from_the_origin(batch):
     bound = float32_error_bound(emb, bank, 2)
     assert (err.amax(1) <= bound).all()
     assert (err.amax(1) > 1e-3 * exact_distances(emb, bank[None].expand(batch, -1, -1), 2).amax(1)).any()
+
+
+def spread_norm_data():
+    """near_tie_data with every fifth bank point pushed 8× as far from the centre: a bank whose largest norm is
+    far above the typical one (as deep features are), the case the per-point error bounds are for."""
+    emb, bank, labels = near_tie_data()
+    far = torch.zeros(len(bank), dtype=torch.bool)
+    far[::5] = True
+    bank = bank.clone()
+    bank[far] = bank[far] * 8
+    return emb, bank, labels
+
+
+@pytest.mark.parametrize("batch", [1, 40])
+def test_per_point_error_terms_hold_and_are_tighter(batch):
+    # the wide rows' column band rests on |float32 − exact| ≤ row_i + col_j for every pair. Planted bugs caught:
+    # the row's norm on both sides (2·√c‖a‖: the far bank points' error exceeds it), and the bank's largest norm
+    # for every column (sound, but no tighter than the coarse bound, so wide rows keep thousands of columns)
+    from robustbench_knn.defenses.knn import exact_distances, float32_error_bound, float32_error_terms
+    from robustbench_knn.distances import pairwise_distance
+
+    emb, bank, _ = spread_norm_data()
+    emb = emb[:batch]
+    exact = exact_distances(emb, bank[None].expand(batch, -1, -1), 2)
+    err = (pairwise_distance(emb, bank, 2).double() - exact).abs()
+    rows, cols = float32_error_terms(emb, bank, 2)
+    assert (err <= rows[:, None] + cols[None]).all()
+    coarse = float32_error_bound(emb, bank, 2)
+    assert ((rows[:, None] + cols[None]) < coarse[:, None]).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("k", [5, 40])
+def test_decision_is_exact_with_a_spread_norm_bank(k):
+    # every row leaves the candidates here (the coarse bound is wide); its band of columns comes from the per-point
+    # bounds. Planted bug caught: a band of the columns whose float32 distance is within the k-th exact distance
+    # (no error bound), which drops true neighbours rounded just beyond it
+    emb, bank, labels = spread_norm_data()
+    want = brute_knn64(emb, bank, labels, k, 2, 5)
+    for batch in (1, 500):
+        got = torch.cat([knn_predict(emb[i:i + batch], bank, labels, k=k, n_spaces=2, n_classes=5)
+                         for i in range(0, len(emb), batch)])
+        assert torch.equal(got, want), batch

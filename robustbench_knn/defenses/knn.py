@@ -40,17 +40,25 @@ def exact_distances(emb: torch.Tensor, points: torch.Tensor, n_spaces: int) -> t
     return diff.reshape(n, c, n_spaces, d).pow(2).sum(-1).sqrt().sum(-1)
 
 
-_BANK_NORMS: dict[tuple, torch.Tensor] = {}  # the last bank's (S,) largest squared norms: a bank is voted on often
+_BANK_NORMS: dict[tuple, torch.Tensor] = {}  # the last bank's (M, S) sub-space norms: a bank is voted on often
 
 
-def _farthest_bank_norms(bank: torch.Tensor, n_spaces: int) -> torch.Tensor:
+def _bank_space_norms(bank: torch.Tensor, n_spaces: int) -> torch.Tensor:
     key = (bank.data_ptr(), tuple(bank.shape), bank._version, n_spaces, str(bank.device))
     if key not in _BANK_NORMS:
         # in float64 without a float64 copy of the bank
         norms = torch.linalg.vector_norm(bank.reshape(len(bank), n_spaces, -1), dim=-1, dtype=torch.float64)
         _BANK_NORMS.clear()
-        _BANK_NORMS[key] = norms.amax(0) ** 2
+        _BANK_NORMS[key] = norms
     return _BANK_NORMS[key]
+
+
+def _error_factor(width: int, n_spaces: int) -> float:
+    """2γ + 2u for a sub-space of ``width // n_spaces`` coordinates (see :func:`float32_error_bound`)."""
+    d = width // n_spaces
+    u = 2 * UNIT_ROUNDOFF_F32
+    gamma = d * u / (1 - d * u)
+    return 2 * gamma + 2 * u
 
 
 def float32_error_bound(emb: torch.Tensor, bank: torch.Tensor, n_spaces: int) -> torch.Tensor:
@@ -60,14 +68,21 @@ def float32_error_bound(emb: torch.Tensor, bank: torch.Tensor, n_spaces: int) ->
     each squared norm by γ|a|², and the two additions by u each, so ‖a‖² + ‖b‖² − 2a·b errs by at most
     δ = (2γ + 2u)(‖a‖² + ‖b‖²); clamping at 0 and the square root turn that into at most √δ on the distance
     (|√x̃ − √x| ≤ √|x̃ − x|). The float32 square roots and the sum over sub-spaces add relative rounding,
-    covered by a factor 2 on u and a relative term in the caller."""
-    w = emb.shape[1]
-    d = w // n_spaces
-    u = 2 * UNIT_ROUNDOFF_F32
-    gamma = d * u / (1 - d * u)
-    a2 = emb.double().reshape(len(emb), n_spaces, d).pow(2).sum(-1)  # (n, S)
-    b2 = _farthest_bank_norms(bank, n_spaces)
-    return ((2 * gamma + 2 * u) * (a2 + b2)).sqrt().sum(1)
+    covered by a factor 2 on u and a relative term in the caller. Here ‖b‖ is the bank's largest norm."""
+    a2 = emb.double().reshape(len(emb), n_spaces, -1).pow(2).sum(-1)  # (n, S)
+    b2 = _bank_space_norms(bank, n_spaces).amax(0) ** 2
+    return (_error_factor(emb.shape[1], n_spaces) * (a2 + b2)).sqrt().sum(1)
+
+
+def float32_error_terms(emb: torch.Tensor, bank: torch.Tensor, n_spaces: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) row terms and (M,) column terms with |float32 distance − exact distance| ≤ row_i + col_j for row i of
+    ``emb`` and bank point j: :func:`float32_error_bound` with each point's own norm, √(c(‖a‖² + ‖b‖²)) ≤
+    √c·‖a‖ + √c·‖b‖ per sub-space. Far tighter than the largest-norm bound for a bank whose norms spread (deep
+    features: the farthest point is 4× the typical one), and a sum of two vectors, so a row's per-column bounds
+    cost one pass."""
+    root_c = _error_factor(emb.shape[1], n_spaces) ** 0.5
+    rows = torch.linalg.vector_norm(emb.reshape(len(emb), n_spaces, -1), dim=-1, dtype=torch.float64).sum(1)
+    return root_c * rows, root_c * _bank_space_norms(bank, n_spaces).sum(1)
 
 
 def _refine(emb: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, dist: torch.Tensor, ks: Sequence[int],
@@ -92,19 +107,24 @@ def _refine(emb: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, dist: t
         # a point j outside the candidates has float32 distance ≥ vals[c−1], so exact distance ≥ vals[c−1] − Δ;
         # the k-th candidate's exact distance bounds the true k-th from above (k real points lie within it):
         # when the first lies strictly above the second, j is neither nearer nor tied, so it is not a neighbour
+        kth = order_d[:, k_max - 1]  # the largest k's: a superset of every smaller k's reach
         bound = float32_error_bound(emb, bank, n_spaces).to(vals.device)
         floor = vals[:, c - 1].double() * (1 - 4 * UNIT_ROUNDOFF_F32) - bound
-        wide = torch.zeros(rows, dtype=torch.bool, device=dist.device)
-        for k in ks:
-            wide |= floor <= order_d[:, k - 1]
-        # such a row: every true neighbour has float32 distance ≤ (k-th candidate's exact distance) + Δ, so the
-        # exact order over just those columns (in index order, sorted stably) is the exact rule's
-        reach = (order_d[:, k_max - 1] + bound) * (1 + 4 * UNIT_ROUNDOFF_F32)
-        for r in wide.nonzero().squeeze(1).tolist():
-            cols = (dist[r].double() <= reach[r]).nonzero().squeeze(1)
-            d64 = exact_distances(emb[r:r + 1], bank[cols][None], n_spaces)[0]
-            order = torch.sort(d64, stable=True).indices[:k_max]
-            order_idx[r], order_d[r] = cols[order], d64[order]
+        wide = (floor <= kth).nonzero().squeeze(1)
+        if len(wide):
+            # such a row: every true neighbour j has exact distance ≤ kth, so its float32 distance minus its own
+            # error bound (each point's norm, not the bank's largest) is ≤ kth; the exact order over just those
+            # columns (in index order, sorted stably) is the exact rule's
+            row_terms, col_terms = (t.to(vals.device) for t in float32_error_terms(emb[wide], bank, n_spaces))
+            for s in range(0, len(wide), ROWS_F64):
+                rs = wide[s:s + ROWS_F64]
+                own = torch.minimum(bound[rs, None], row_terms[s:s + ROWS_F64, None] + col_terms)
+                within = dist[rs].double() * (1 - 4 * UNIT_ROUNDOFF_F32) - own <= kth[rs, None]
+                for i, r in enumerate(rs.tolist()):
+                    cols = within[i].nonzero().squeeze(1)
+                    d64 = exact_distances(emb[r:r + 1], bank[cols][None], n_spaces)[0]
+                    order = torch.sort(d64, stable=True).indices[:k_max]
+                    order_idx[r], order_d[r] = cols[order], d64[order]
     fixed = torch.round(order_d * FIXED_POINT).long()
     out = {}
     for k in ks:
