@@ -64,6 +64,23 @@ def subject_embeddings(name: str, n_test: int) -> tuple[torch.Tensor, torch.Tens
     return emb, defense.bank, defense.bank_labels, defense.n_spaces, defense.k
 
 
+def band_widths(knn, emb: torch.Tensor, bank: torch.Tensor, k: int, spaces: int) -> str:
+    """Columns per row the judge would decide in float64 (mean / max): those whose float32 distance minus the error
+    bound is within the k-th nearest exact distance, with the bank's largest norm for every column (coarse) and with
+    each point's own norm (per point)."""
+    with torch.no_grad():
+        dist = knn.pairwise_distance(emb, bank, spaces).double()
+        cand = dist.topk(k, dim=1, largest=False).indices
+        kth = knn.exact_distances(emb, bank[cand], spaces).amax(1, keepdim=True)
+        coarse = knn.float32_error_bound(emb, bank, spaces)[:, None]
+        rows, cols = knn.float32_error_terms(emb, bank, spaces)
+        out = []
+        for name, bound in (("coarse", coarse), ("per point", torch.minimum(coarse, rows[:, None] + cols[None]))):
+            n = (dist * (1 - 4 * knn.UNIT_ROUNDOFF_F32) - bound <= kth).sum(1).float()
+            out.append(f"{name} {n.mean().item():.0f} / {n.max().item():.0f}")
+    return f"float64 band of the first {len(emb)} rows, columns mean / max: " + ", ".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("rev")
@@ -99,6 +116,8 @@ def main() -> None:
             labels = torch.randint(0, 10, (args.n_bank,), generator=g)
         args.k = args.k or 800
         kw = dict(k=args.k, n_spaces=args.spaces, n_classes=10)
+        if args.subject:
+            print(band_widths(new_knn, emb[:60], bank, args.k, args.spaces))
         t_old, p_old = timed(lambda: old_knn.knn_predict(emb, bank, labels, **kw))
         t_new, p_new = timed(lambda: new_knn.knn_predict(emb, bank, labels, **kw))
         print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}")
