@@ -76,7 +76,7 @@ def band_widths(knn, emb: torch.Tensor, bank: torch.Tensor, k: int, spaces: int)
         rows, cols = knn.float32_error_terms(emb, bank, spaces)
         out = []
         for name, bound in (("coarse", coarse), ("per point", torch.minimum(coarse, rows[:, None] + cols[None]))):
-            n = (dist * (1 - 4 * knn.UNIT_ROUNDOFF_F32) - bound <= kth).sum(1).float()
+            n = knn.within_reach(dist, kth, bound).sum(1).float()
             out.append(f"{name} {n.mean().item():.0f} / {n.max().item():.0f}")
     norms = bank.norm(dim=1)
     return (f"bank norms largest {norms.max().item():.0f}, mean {norms.mean().item():.0f}; float64 band of the first "

@@ -85,6 +85,11 @@ def float32_error_terms(emb: torch.Tensor, bank: torch.Tensor, n_spaces: int) ->
     return root_c * rows, root_c * _bank_space_norms(bank, n_spaces).sum(1)
 
 
+def within_reach(dist: torch.Tensor, kth: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """Where a float32 distance could, within ``bound`` on its error, be as near as the exact ``kth`` (or nearer)."""
+    return dist.double() * (1 - 4 * UNIT_ROUNDOFF_F32) - bound <= kth
+
+
 def _refine(emb: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, dist: torch.Tensor, ks: Sequence[int],
             n_spaces: int, n_classes: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Votes and distance sums of one chunk for every k: candidates from float32 ``dist`` (enough for the largest
@@ -109,8 +114,7 @@ def _refine(emb: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, dist: t
         # when the first lies strictly above the second, j is neither nearer nor tied, so it is not a neighbour
         kth = order_d[:, k_max - 1]  # the largest k's: a superset of every smaller k's reach
         bound = float32_error_bound(emb, bank, n_spaces).to(vals.device)
-        floor = vals[:, c - 1].double() * (1 - 4 * UNIT_ROUNDOFF_F32) - bound
-        wide = (floor <= kth).nonzero().squeeze(1)
+        wide = within_reach(vals[:, c - 1], kth, bound).nonzero().squeeze(1)
         if len(wide):
             # such a row: every true neighbour j has exact distance ≤ kth, so its float32 distance minus its own
             # error bound (each point's norm, not the bank's largest) is ≤ kth; the exact order over just those
@@ -119,7 +123,7 @@ def _refine(emb: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, dist: t
             for s in range(0, len(wide), ROWS_F64):
                 rs = wide[s:s + ROWS_F64]
                 own = torch.minimum(bound[rs, None], row_terms[s:s + ROWS_F64, None] + col_terms)
-                within = dist[rs].double() * (1 - 4 * UNIT_ROUNDOFF_F32) - own <= kth[rs, None]
+                within = within_reach(dist[rs], kth[rs, None], own)
                 for i, r in enumerate(rs.tolist()):
                     cols = within[i].nonzero().squeeze(1)
                     d64 = exact_distances(emb[r:r + 1], bank[cols][None], n_spaces)[0]
