@@ -247,6 +247,29 @@ def test_per_point_error_terms_hold_and_are_tighter(batch):
     assert ((rows[:, None] + cols[None]) < coarse[:, None]).float().mean() > 0.5
 
 
+def test_bank_norms_follow_the_bank_not_its_address():
+    # the per-point bounds use cached bank norms. Planted bug caught: a cache keyed by (address, shape, version),
+    # which hands the first bank's norms to a second bank over the same memory (here a reshaped transpose: same
+    # address, shape and version counter, other points), and in a long test run handed a freed bank's norms to the
+    # next bank allocated at its address, so the per-point bound failed to hold
+    from robustbench_knn.defenses.knn import _error_factor, exact_distances, float32_error_terms
+    from robustbench_knn.distances import pairwise_distance
+
+    emb, first, _ = spread_norm_data()
+    second = first.reshape(first.shape[1], -1).t()
+    assert (first.data_ptr(), first.shape, first._version) == (second.data_ptr(), second.shape, second._version)
+    assert not torch.equal(first, second)
+    root_c = _error_factor(first.shape[1], 2) ** 0.5
+    want = [root_c * torch.linalg.vector_norm(bank.double().reshape(len(bank), 2, -1), dim=-1).sum(1)
+            for bank in (first, second)]
+    for bank, want_cols in zip((first, second, first), want + want[:1]):
+        rows, cols = float32_error_terms(emb, bank, 2)  # one after the other: a stale cache would answer
+        assert torch.allclose(cols, want_cols, rtol=1e-12, atol=0)
+        err = (pairwise_distance(emb, bank, 2).double()
+               - exact_distances(emb, bank[None].expand(len(emb), -1, -1), 2)).abs()
+        assert (err <= rows[:, None] + cols[None]).all()
+
+
 @pytest.mark.parametrize("k", [5, 40])
 def test_decision_is_exact_with_a_spread_norm_bank(k):
     # every row leaves the candidates here (the coarse bound is wide); its band of columns comes from the per-point

@@ -18,6 +18,7 @@ that distance + Δ: a superset of its true neighbours.
 
 from __future__ import annotations
 
+import weakref
 from typing import Sequence
 
 import torch
@@ -40,17 +41,32 @@ def exact_distances(emb: torch.Tensor, points: torch.Tensor, n_spaces: int) -> t
     return diff.reshape(n, c, n_spaces, d).pow(2).sum(-1).sqrt().sum(-1)
 
 
-_BANK_NORMS: dict[tuple, torch.Tensor] = {}  # the last bank's (M, S) sub-space norms: a bank is voted on often
+class _BankNormCache:
+    """The last bank's (M, S) sub-space norms: a bank is voted on often. Keyed by the tensor itself (a weak
+    reference, so the cache keeps nothing alive) and its version counter, not its address: a freed bank's memory is
+    reused by the next tensor of the same size, and a view of the same memory with other strides has the same
+    address and shape, so an address key handed one bank's norms to another."""
+
+    def __init__(self) -> None:
+        self._ref: weakref.ref | None = None
+        self._key: tuple = ()
+        self._norms = torch.empty(0)
+
+    def get(self, bank: torch.Tensor, n_spaces: int) -> torch.Tensor:
+        key = (bank._version, n_spaces)
+        if self._ref is None or self._ref() is not bank or self._key != key:
+            # in float64 without a float64 copy of the bank
+            self._norms = torch.linalg.vector_norm(bank.reshape(len(bank), n_spaces, -1), dim=-1,
+                                                   dtype=torch.float64)
+            self._ref, self._key = weakref.ref(bank), key
+        return self._norms
+
+
+_BANK_NORMS = _BankNormCache()
 
 
 def _bank_space_norms(bank: torch.Tensor, n_spaces: int) -> torch.Tensor:
-    key = (bank.data_ptr(), tuple(bank.shape), bank._version, n_spaces, str(bank.device))
-    if key not in _BANK_NORMS:
-        # in float64 without a float64 copy of the bank
-        norms = torch.linalg.vector_norm(bank.reshape(len(bank), n_spaces, -1), dim=-1, dtype=torch.float64)
-        _BANK_NORMS.clear()
-        _BANK_NORMS[key] = norms
-    return _BANK_NORMS[key]
+    return _BANK_NORMS.get(bank, n_spaces)
 
 
 def _error_factor(width: int, n_spaces: int) -> float:
