@@ -179,6 +179,31 @@ def test_transfer_needs_a_provider_and_uses_it(tiny_clf, tiny_data):
     assert (tiny_clf.predict(x_adv) != y).float().mean() > 0.5
 
 
+def test_a_freed_targets_source_goes_with_it():
+    # sources are built once per target and cached. Planted bug caught: a cache keyed by id(target), which keeps a
+    # freed target's source alive under its id and hands it to any later target that CPython allocates at the
+    # same address (a source trained for another model: a silently wrong transfer)
+    import gc
+    import weakref
+
+    from torch import nn
+
+    from robustbench_knn.attacks.transfer import get_source
+
+    def provider(name, seed, target):
+        return nn.Linear(1, 1)  # a fresh source per build
+
+    with transfer_sources(provider):
+        target, other = nn.Identity(), nn.Identity()
+        source = get_source("a", 0, target)
+        assert get_source("a", 0, target) is source and get_source("a", 0, other) is not source
+        gone = weakref.ref(source)
+        del target, source
+        gc.collect()
+        assert gone() is None, "the cache kept a freed target's source"
+        assert get_source("a", 0, other) is get_source("a", 0, other)
+
+
 def test_source_config_is_the_row_at_the_targets_size():
     a = source_config(TINY_CFG, "a", None)
     assert a.model.head == "logits" and not a.model.identity_init and not a.model.share_dec

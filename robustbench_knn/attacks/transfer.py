@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -26,7 +27,10 @@ from .base import Attack, get_attack, input_gradient, register
 SourceProvider = Callable[[str, "int | None", torch.nn.Module], torch.nn.Module]
 
 _PROVIDER: list[SourceProvider | None] = [None]
-_BUILT: dict[tuple[str, int | None, int], torch.nn.Module] = {}
+# target -> {(source name, seed): source}; keyed by the target itself, weakly: an id() key handed a freed target's
+# source to the next target allocated at its address
+_BUILT: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[str, int | None], torch.nn.Module]] = (
+    weakref.WeakKeyDictionary())
 
 
 def set_source_provider(provider: SourceProvider | None) -> None:
@@ -51,10 +55,10 @@ def get_source(name: str, seed: int | None, target: torch.nn.Module) -> torch.nn
     if _PROVIDER[0] is None:
         raise UsageError("attack transfer needs a source model: run it through `robustbench-knn audit`, or install "
                          "a provider with robustbench_knn.attacks.transfer.transfer_sources(...)")
-    key = (name, seed, id(target))
-    if key not in _BUILT:
-        _BUILT[key] = _PROVIDER[0](name, seed, target)
-    return _BUILT[key]
+    built = _BUILT.setdefault(target, {})
+    if (name, seed) not in built:
+        built[name, seed] = _PROVIDER[0](name, seed, target)
+    return built[name, seed]
 
 
 def _delta(cfg: ExperimentConfig, base: ExperimentConfig, section: str) -> dict[str, Any]:
