@@ -65,10 +65,6 @@ class _BankNormCache:
 _BANK_NORMS = _BankNormCache()
 
 
-def _bank_space_norms(bank: torch.Tensor, n_spaces: int) -> torch.Tensor:
-    return _BANK_NORMS.get(bank, n_spaces)
-
-
 def _error_factor(width: int, n_spaces: int) -> float:
     """2γ + 2u for a sub-space of ``width // n_spaces`` coordinates (see :func:`float32_error_bound`)."""
     d = width // n_spaces
@@ -86,7 +82,7 @@ def float32_error_bound(emb: torch.Tensor, bank: torch.Tensor, n_spaces: int) ->
     (|√x̃ − √x| ≤ √|x̃ − x|). The float32 square roots and the sum over sub-spaces add relative rounding,
     covered by a factor 2 on u and a relative term in the caller. Here ‖b‖ is the bank's largest norm."""
     a2 = emb.double().reshape(len(emb), n_spaces, -1).pow(2).sum(-1)  # (n, S)
-    b2 = _bank_space_norms(bank, n_spaces).amax(0) ** 2
+    b2 = _BANK_NORMS.get(bank, n_spaces).amax(0) ** 2
     return (_error_factor(emb.shape[1], n_spaces) * (a2 + b2)).sqrt().sum(1)
 
 
@@ -98,7 +94,7 @@ def float32_error_terms(emb: torch.Tensor, bank: torch.Tensor, n_spaces: int) ->
     cost one pass."""
     root_c = _error_factor(emb.shape[1], n_spaces) ** 0.5
     rows = torch.linalg.vector_norm(emb.reshape(len(emb), n_spaces, -1), dim=-1, dtype=torch.float64).sum(1)
-    return root_c * rows, root_c * _bank_space_norms(bank, n_spaces).sum(1)
+    return root_c * rows, root_c * _BANK_NORMS.get(bank, n_spaces).sum(1)
 
 
 def within_reach(dist: torch.Tensor, kth: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
