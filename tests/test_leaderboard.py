@@ -285,6 +285,24 @@ def test_the_verdict_comes_from_the_audit_on_the_rows_images(tmp_path):
     assert (row["audit verdict"], row["standard suite %"]) == ("NOT TRUSTED", "45.00")
 
 
+def test_the_audit_n_says_when_the_verdict_covers_fewer_images_than_the_worst_case(tmp_path):
+    # planted: the audit's n taken from the row (the worst case's 5 images) instead of the audit's own 3; also the
+    # column left out of the markdown
+    cards = tmp_path / "cards"
+    clean = [1, 1, 1, 1, 0]
+    audit = audit_result("full", "b5b426410067", reported=33.0, upper=33.0, status="NOT TRUSTED")
+    audit.update(main={"clean_correct": clean[:3]}, worst_case_robust=[1, 0, 0])
+    put(cards / "audit", "audit-full-b5b426410067-eps8", card("full", worst="33.33", clean="100.00", n=3), audit)
+    put_run(tmp_path, "wide", [0, 0, 0, 1, 0], clean)  # breaks image 0 too: the row is on 5 images
+    row, csv_row = only_row(tmp_path)
+    assert (row["worst case %"], row["n"], row["audit n"]) == ("20.00", "5", "3")
+    assert row["audit verdict"] == "NOT TRUSTED"
+    assert "'audit n': '3'" in csv_row
+    md = (tmp_path / "out" / "leaderboard.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| rank"))
+    assert [c.strip() for c in header.strip("|").split("|")].index("audit n") == 9
+
+
 def test_links_are_relative_to_the_output_folder(tmp_path, monkeypatch):
     # planted: paths relative to the working directory instead of the output folder
     put(tmp_path / "cards" / "deep" / "er", "evaluate-a-1234567890ab-x", card("a"), {"model": "a"})

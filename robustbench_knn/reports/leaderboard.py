@@ -89,6 +89,7 @@ class Row:
     audit_eps: float | None = None
     rank: int | None = None
     certificate: Path | None = None  # the `certify` results the certified figure comes from
+    audit_n: int | None = None  # images of the audit the verdict and the standard suite's figure come from
 
 
 @dataclass
@@ -234,6 +235,8 @@ def _merge(entries: list[Entry]) -> Row:
     # the verdict shown is that of an audit on the row's images where there is one
     audits = sorted((e for e in order if e.audit is not None), key=lambda e: e.n != row_n)
     audit = audits[0].audit if audits else None
+    # the row's n is that of its worst case; the audit may be on other images, and a reader must see so
+    audit_n = audits[0].n if audits else None
     verdict = (audit or {}).get("verdict") or {}
     reported = (audit or {}).get("reported_acc", verdict.get("reported_acc"))
     flags = [e.unreliable for e in entries if e.unreliable is not None]
@@ -259,7 +262,7 @@ def _merge(entries: list[Entry]) -> Row:
         dataset=head.dataset or next((e.dataset for e in order if e.dataset), ""), entries=order,
         curves=curves if isinstance(curves, dict) and curves else None,
         standard=[str(k) for k in (audit or {}).get("standard") or []],
-        audit_eps=_num((audit or {}).get("eps")))
+        audit_eps=_num((audit or {}).get("eps")), audit_n=audit_n)
 
 
 def _rank(rows: list[Row]) -> list[Row]:
@@ -326,11 +329,15 @@ def build_leaderboard(dirs: Sequence[str | os.PathLike]) -> Leaderboard:
 # --- text outputs --------------------------------------------------------------------------------------------------
 
 COLUMNS = ["rank", "model", "hash", "ε", "threat model", "clean %", "standard suite %", "worst case %",
-           "audit verdict", "unreliable", "n", "architecture / recipe", "certified %", "links"]
+           "audit verdict", "audit n", "unreliable", "n", "architecture / recipe", "certified %", "links"]
 
 
 def fmt(x: float | None) -> str:
     return "" if x is None else f"{x:.2f}"
+
+
+def _count(x: int | None) -> str:
+    return "" if x is None else str(x)
 
 
 def fmt_flag(x: bool | None) -> str:
@@ -358,8 +365,8 @@ def links(row: Row, out_dir: str | os.PathLike) -> list[tuple[str, str, str]]:
 def cells(row: Row) -> list[str]:
     """The display strings of every column but the links."""
     return [str(row.rank or ""), row.name, row.hash, row.eps, row.threat_model, fmt(row.clean_acc),
-            fmt(row.reported_acc), fmt(row.worst_case), row.verdict, fmt_flag(row.unreliable),
-            "" if row.n is None else str(row.n), row.recipe, fmt(row.certified)]
+            fmt(row.reported_acc), fmt(row.worst_case), row.verdict, _count(row.audit_n), fmt_flag(row.unreliable),
+            _count(row.n), row.recipe, fmt(row.certified)]
 
 
 def caption(board: Leaderboard) -> str:
@@ -369,7 +376,8 @@ def caption(board: Leaderboard) -> str:
 def render_markdown(board: Leaderboard, out_dir: str | os.PathLike) -> str:
     text = [f"# k-NN leaderboard: {caption(board)}", "",
             (f"Accuracies in %. *worst case*: {WORST_CASE_TEXT}. *standard suite*: the figure of the standard "
-             "attacks alone, from an audit. Rank within each ε, highest worst case first."), ""]
+             "attacks alone, from an audit; *audit n*: the images of that audit, whose verdict is shown (it may "
+             "differ from *n*, the images of the worst case). Rank within each ε, highest worst case first."), ""]
     for threat, rows in board.tables.items():
         body = [cells(r) + [" ".join(f"[{lab}]({c})" + (f" [json]({res})" if res else "")
                                      for lab, c, res in links(r, out_dir))] for r in rows]

@@ -24,10 +24,11 @@ HELP = {  # header tooltips: what a reader must know to read each column
     "worst case %": "lowest robust accuracy any run reached at this ε: per-sample worst case over its attacks",
     "audit verdict": "whether the audit trusts the standard suite's figure (hover for the text)",
     "unreliable": "yes if any card of the row flags it (audit verdict or the run's cheap checks)",
+    "audit n": "test images of the audit the verdict and the standard suite's figure come from",
     "n": "test images attacked in the run that reached the worst case",
     "certified %": "certified lower bound, where a card gives one",
 }
-NUMERIC = {"rank", "ε", "clean %", "standard suite %", "worst case %", "n", "certified %"}
+NUMERIC = {"rank", "ε", "clean %", "standard suite %", "worst case %", "audit n", "n", "certified %"}
 
 STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:24px;color:#222;
@@ -186,7 +187,7 @@ def _verdict_class(status: str) -> str:
 def _row_html(row: Row, plot_id: str | None, out_dir: str | os.PathLike, first_of_eps: bool) -> str:
     values = dict(zip(COLUMNS, cells(row)))
     sort = {"rank": row.rank, "ε": row.eps_value, "clean %": row.clean_acc, "standard suite %": row.reported_acc,
-            "worst case %": row.worst_case, "n": row.n, "certified %": row.certified}
+            "worst case %": row.worst_case, "audit n": row.audit_n, "n": row.n, "certified %": row.certified}
     tds = []
     for col in COLUMNS[:-1]:
         text = values[col]
@@ -230,7 +231,8 @@ def render_html(board: Leaderboard, out_dir: str | os.PathLike) -> str:
              f"<title>{escape(title)}</title><style>{STYLE}</style></head><body>",
              f"<h1>{escape(title)}</h1>",
              (f'<p class="lead">Accuracies in %. <b>worst case</b>: {escape(WORST_CASE_TEXT)}. '
-             "<b>standard suite</b>: the standard attacks alone, from an audit. Ranked within each ε, highest worst "
+             "<b>standard suite</b>: the standard attacks alone, from an audit; <b>audit n</b>: that audit's images "
+             "(the verdict's), which may differ from <b>n</b>, the worst case's. Ranked within each ε, highest worst "
              "case first. Click a column header to sort; hover a verdict for its text.</p>")]
     for threat, rows in board.tables.items():
         parts.append(f"<h2>Threat model {escape(threat)}</h2>")
