@@ -14,55 +14,39 @@ training point beyond the candidates could, within a sound bound Δ on the float
 embeddings' norms: far from the origin |a|² + |b|² − 2ab cancels most of its digits), be nearer than the k-th
 candidate's exact distance, the row is decided in float64 over every column whose float32 distance lies within
 that distance + Δ: a superset of its true neighbours.
+
+A wide single-space bank (deep features, raw pixels) is not scanned: a projection screen (``screen.py``) finds a
+superset of each row's true neighbours from a thin copy of the bank, and the same float64 rule decides.
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..distances import pairwise_distance
+from .exact import (
+    ROWS_F64,
+    BankMemo,
+    exact_distances,  # noqa: F401  (re-exported: callers and tests import it from here)
+    exact_order,
+    exact_order_row,
+    votes_from_order,
+)
+from .screen import screened_order, uses_screen
 
 DEFAULT_CHUNK = 256
 UNIT_ROUNDOFF_F32 = 2.0 ** -24
-FIXED_POINT = 2.0 ** 20  # distance sums for the vote's tie rule are added as integers in these units
-ROWS_F64 = 16  # rows per float64 block: (rows × candidates × width) doubles stay small for wide embeddings
 
 
-def exact_distances(emb: torch.Tensor, points: torch.Tensor, n_spaces: int) -> torch.Tensor:
-    """Float64 sum-over-sub-spaces ℓ2 distance from each row of ``emb`` (n, W) to its own points (n, c, W),
-    from the differences (each value depends on its own row only: the same in any batch)."""
-    n, c, w = points.shape
-    d = w // n_spaces
-    diff = points.double() - emb.double()[:, None, :]
-    return diff.reshape(n, c, n_spaces, d).pow(2).sum(-1).sqrt().sum(-1)
+def _bank_space_norms(bank: torch.Tensor, n_spaces: int) -> torch.Tensor:
+    """(M, S) per-sub-space norms of the bank, in float64 without a float64 copy of the bank."""
+    return torch.linalg.vector_norm(bank.reshape(len(bank), n_spaces, -1), dim=-1, dtype=torch.float64)
 
 
-class _BankNormCache:
-    """The last bank's (M, S) sub-space norms: a bank is voted on often. Keyed by the tensor itself (a weak
-    reference, so the cache keeps nothing alive) and its version counter, not its address: a freed bank's memory is
-    reused by the next tensor of the same size, and a view of the same memory with other strides has the same
-    address and shape, so an address key handed one bank's norms to another."""
-
-    def __init__(self) -> None:
-        self._ref: weakref.ref | None = None
-        self._key: tuple = ()
-        self._norms = torch.empty(0)
-
-    def get(self, bank: torch.Tensor, n_spaces: int) -> torch.Tensor:
-        key = (bank._version, n_spaces)
-        if self._ref is None or self._ref() is not bank or self._key != key:
-            # in float64 without a float64 copy of the bank
-            self._norms = torch.linalg.vector_norm(bank.reshape(len(bank), n_spaces, -1), dim=-1,
-                                                   dtype=torch.float64)
-            self._ref, self._key = weakref.ref(bank), key
-        return self._norms
-
-
-_BANK_NORMS = _BankNormCache()
+_BANK_NORMS = BankMemo(_bank_space_norms)
 
 
 def _error_factor(width: int, n_spaces: int) -> float:
@@ -102,24 +86,14 @@ def within_reach(dist: torch.Tensor, kth: torch.Tensor, bound: torch.Tensor) -> 
     return dist.double() * (1 - 4 * UNIT_ROUNDOFF_F32) - bound <= kth
 
 
-def _refine(emb: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, dist: torch.Tensor, ks: Sequence[int],
-            n_spaces: int, n_classes: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Votes and distance sums of one chunk for every k: candidates from float32 ``dist`` (enough for the largest
-    k), ordered in float64 by (distance, training index). The class sums are added in fixed point (int64, units of
-    2⁻²⁰), so they do not depend on the order of addition: the same on any device, in any batch."""
+def _refine(emb: torch.Tensor, bank: torch.Tensor, dist: torch.Tensor, n_spaces: int,
+            k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``k_max`` neighbours of each row of one chunk, in (float64 distance, training index) order, with
+    candidates proposed by its float32 distances ``dist``: their indices and float64 distances."""
     rows, n = dist.shape
-    k_max = max(ks)
     c = min(n, k_max + max(16, k_max // 4))
     vals, idx = torch.topk(dist, c, dim=1, largest=False, sorted=True)
-    order_idx = torch.empty(rows, k_max, dtype=torch.long, device=dist.device)
-    order_d = torch.empty(rows, k_max, dtype=torch.float64, device=dist.device)
-    for s in range(0, rows, ROWS_F64):
-        cand = idx[s:s + ROWS_F64]
-        d64 = exact_distances(emb[s:s + ROWS_F64], bank[cand], n_spaces)
-        by_index = cand.sort(1)  # (distance, training index) order: by index, then a stable sort by distance
-        d64, cand = d64.gather(1, by_index.indices), by_index.values
-        order = torch.sort(d64, dim=1, stable=True).indices[:, :k_max]
-        order_idx[s:s + ROWS_F64], order_d[s:s + ROWS_F64] = cand.gather(1, order), d64.gather(1, order)
+    order_idx, order_d = exact_order(emb, bank, idx, n_spaces, k_max)
     if c < n:  # near ties at the candidates' edge: float32 rounding could hide a true neighbour beyond them
         # a point j outside the candidates has float32 distance ≥ vals[c−1], so exact distance ≥ vals[c−1] − Δ;
         # the k-th candidate's exact distance bounds the true k-th from above (k real points lie within it):
@@ -138,19 +112,23 @@ def _refine(emb: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, dist: t
                 within = within_reach(dist[rs], kth[rs, None], own)
                 for i, r in enumerate(rs.tolist()):
                     cols = within[i].nonzero().squeeze(1)
-                    d64 = exact_distances(emb[r:r + 1], bank[cols][None], n_spaces)[0]
-                    order = torch.sort(d64, stable=True).indices[:k_max]
-                    order_idx[r], order_d[r] = cols[order], d64[order]
-    fixed = torch.round(order_d * FIXED_POINT).long()
-    out = {}
-    for k in ks:
-        lab = labels[order_idx[:, :k]]
-        votes = torch.zeros(rows, n_classes, dtype=torch.long, device=dist.device)
-        votes.scatter_add_(1, lab, torch.ones_like(lab))
-        dsum = torch.zeros(rows, n_classes, dtype=torch.long, device=dist.device)
-        dsum.scatter_add_(1, lab, fixed[:, :k])  # integer sums: exact in any order
-        out[k] = (votes, dsum.double() / FIXED_POINT)
-    return out
+                    order_idx[r], order_d[r] = exact_order_row(emb[r:r + 1], bank, cols, n_spaces, k_max)
+    return order_idx, order_d
+
+
+def _exact_chunk(emb: torch.Tensor, bank: torch.Tensor, n_spaces: int, k_max: int, dist: torch.Tensor | None,
+                 screen: bool, workspace: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact rule's first ``k_max`` neighbours of one chunk: through the projection screen where it is on (its
+    rows with too many candidates, and only they, scan the whole bank), else from a float32 scan of the bank."""
+    if dist is not None or not screen:
+        if dist is None:
+            dist = pairwise_distance(emb, bank, n_spaces, workspace=workspace)
+        return _refine(emb, bank, dist, n_spaces, k_max)
+    order_idx, order_d, left = screened_order(emb, bank, k_max)
+    if len(left):
+        scanned = pairwise_distance(emb[left], bank, n_spaces, workspace=workspace)
+        order_idx[left], order_d[left] = _refine(emb[left], bank, scanned, n_spaces, k_max)
+    return order_idx, order_d
 
 
 def _select_exact(dist: torch.Tensor, k: int) -> torch.Tensor:
@@ -205,20 +183,25 @@ def knn_votes(
     chunk: int = DEFAULT_CHUNK,
     method: str = "exact",
     dist: torch.Tensor | None = None,
+    screen: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Vote counts (N, K) as int64 and summed neighbour distance per class (N, K), float64. ``method``:
     "exact" (the default: float32 candidates decided in float64, the same for a point in any batch), "fast"
     (float32 ``topk``, the exact rule only for rows tied at the k-th distance) or "dense" (float32, the exact
     rule on every row); the float32 methods are kept for the speed bench. ``dist``: the float32 distances of
     ``emb`` to the bank if the caller already has them (a surrogate's forward of the same embedding); with the
-    exact method they only propose candidates, so the decision is the same as without them."""
+    exact method they only propose candidates, so the decision is the same as without them. ``screen``: find the
+    exact method's candidates through the projection screen (``screen.py``) instead of a float32 scan of the
+    whole bank; None (the default) turns it on where it pays (a wide single-space bank); the votes are the same
+    either way."""
     return knn_votes_for_ks(emb, train_emb, train_labels, ks=(k,), n_spaces=n_spaces, n_classes=n_classes,
-                            chunk=chunk, method=method, dist=dist)[k]
+                            chunk=chunk, method=method, dist=dist, screen=screen)[k]
 
 
 def knn_votes_for_ks(emb: torch.Tensor, train_emb: torch.Tensor, train_labels: torch.Tensor, *, ks: Sequence[int],
                      n_spaces: int = 2, n_classes: int = 10, chunk: int = DEFAULT_CHUNK, method: str = "exact",
-                     dist: torch.Tensor | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+                     dist: torch.Tensor | None = None,
+                     screen: bool | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """:func:`knn_votes` for several k from one pass over the distances (choosing k on a validation split:
     the distances, not the votes, are the cost)."""
     if method not in ("exact", "fast", "dense"):
@@ -228,17 +211,21 @@ def knn_votes_for_ks(emb: torch.Tensor, train_emb: torch.Tensor, train_labels: t
             raise ValueError(f"k={k} must be in [1, {len(train_emb)}] (the size of the training bank)")
     if dist is not None and (method != "exact" or dist.shape != (len(emb), len(train_emb))):
         raise ValueError("precomputed distances need method='exact' and shape (len(emb), len(train_emb))")
+    screen = uses_screen(train_emb, n_spaces) if screen is None else screen
+    if screen and (method != "exact" or n_spaces != 1):
+        raise ValueError("the projection screen needs method='exact' and one space (n_spaces=1)")
     parts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {k: [] for k in ks}
     workspace: list = []  # the chunks' N×M buffers, allocated once
     with torch.no_grad():
         for start in range(0, len(emb), chunk):
-            part = (pairwise_distance(emb[start:start + chunk], train_emb, n_spaces, workspace=workspace)
-                    if dist is None else dist[start:start + chunk])
+            rows = emb[start:start + chunk]
             if method == "exact":
-                refined = _refine(emb[start:start + chunk], train_emb, train_labels, part, ks, n_spaces, n_classes)
-                for k in ks:
-                    parts[k].append(refined[k])
+                part = None if dist is None else dist[start:start + chunk]
+                order = _exact_chunk(rows, train_emb, n_spaces, max(ks), part, screen, workspace)
+                for k, votes in votes_from_order(*order, train_labels, ks, n_classes).items():
+                    parts[k].append(votes)
             else:
+                part = pairwise_distance(rows, train_emb, n_spaces, workspace=workspace)
                 for k in ks:
                     parts[k].append(_vote_chunk(part, train_labels, k, n_classes, method))
     if not len(emb):
