@@ -15,7 +15,8 @@ import pytest
 
 from robustbench_knn.cli import main
 from robustbench_knn.config import UsageError
-from robustbench_knn.reports.leaderboard import build_leaderboard, write_leaderboard
+from robustbench_knn.reports.leaderboard import build_leaderboard
+from robustbench_knn.reports.leaderboard_files import write_leaderboard
 
 EPS8 = 8 / 255
 CONFIG = {"name": "full", "k": 800,

@@ -134,7 +134,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> None:
-    from ..reports.leaderboard import write_leaderboard
+    from ..reports.leaderboard_files import write_leaderboard
 
     check_writable_file(str(Path(args.out) / "leaderboard.html"))  # before reading every card
     board, paths = write_leaderboard(args.dirs, args.out)

@@ -9,7 +9,8 @@ import os
 from html import escape
 
 from ..evaluation.certify import CERTIFIED
-from .leaderboard import COLUMNS, WORST_CASE_TEXT, Leaderboard, Row, caption, cells, links
+from .leaderboard import WORST_CASE_TEXT, Leaderboard, Row
+from .leaderboard_text import COLUMNS, caption, cells, links
 
 WORST = "worst case"
 COLORS = ["#1f5fa8", "#8e44ad", "#d9820b"]  # standard-suite curves; the worst case is red, certified green
