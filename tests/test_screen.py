@@ -30,10 +30,14 @@ def same_votes(a, b) -> bool:
     return torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k", [1, 7, 60])
-def test_screened_votes_equal_the_scan_in_any_batch(k):
+def test_screened_votes_equal_the_scan_in_any_batch(k, device):
     # planted: the second candidate set skipped (the points with the smallest bounds only): votes differ for k=7, 60
-    emb, bank, labels = wide_data()
+    emb, bank, labels = (t.to(device) for t in wide_data())
     want = knn_votes(emb, bank, labels, k=k, n_spaces=1, n_classes=10, screen=False)
     for batch in (1, 9, len(emb)):
         got = [knn_votes(emb[i:i + batch], bank, labels, k=k, n_spaces=1, n_classes=10, screen=True)
