@@ -7,7 +7,10 @@ taking turns (a drift of the host's speed hits both); votes and distance sums mu
     python benchmarks/wide_bank_vote.py [--subjects deep_knn_a,raw_pixel_knn --batches 1,5,35,250 --repeats 3]
 
 Deep k-NN's row A comes from the model cache (trained if missing); raw-pixel k-NN uses k = 3 (its validation
-choice) unless ``--choose-k``. ``--json FILE`` writes the figures with the machine and versions.
+choice) unless ``--choose-k``. ``--attacks softknn-apgd,vote-square --n-attack 20`` also runs those attacks on the
+first correctly classified test images twice, the vote scanning and screening, each from the same seed: their
+seconds, and whether the adversarial examples are identical (they must be). ``--json FILE`` writes the figures with
+the machine and versions.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import time
 import torch
 from tabulate import tabulate
 
+from robustbench_knn.attacks import get_attack
 from robustbench_knn.cli.parser import parse_eps
 from robustbench_knn.data import load_cifar10
-from robustbench_knn.defenses import screen, subjects
+from robustbench_knn.defenses import knn, screen, subjects
 from robustbench_knn.defenses.knn import knn_votes
 
 
@@ -36,6 +40,23 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
+def attack_both_ways(defense: torch.nn.Module, data, attack: str, eps: float, n: int) -> dict:
+    """``attack`` on the first ``n`` correctly voted test images, the vote scanning then screening, same seed."""
+    x, y = data.test.head(4 * n).floats().to(defense.device), data.test.head(4 * n).y.to(defense.device)
+    keep = (defense.predict(x) == y).nonzero().squeeze(1)[:n]
+    x, y = x[keep], y[keep]
+    out, seconds = [], []
+    for on in (False, True):
+        knn.uses_screen = (lambda bank, n_spaces: screen.uses_screen(bank, n_spaces)) if on else (lambda *_: False)
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        out.append(get_attack(attack).build(defense, eps)(x, y))
+        seconds.append(time.perf_counter() - t0)
+    knn.uses_screen = screen.uses_screen
+    return {"attack": attack, "n": len(x), "scan_s": seconds[0], "screen_s": seconds[1],
+            "identical": torch.equal(out[0], out[1])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--subjects", default="deep_knn_a,raw_pixel_knn")
@@ -43,6 +64,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--eps", default="8/255")
     ap.add_argument("--choose-k", action="store_true", help="raw-pixel k-NN: choose k on the validation split")
+    ap.add_argument("--attacks", default="", help="comma list of attacks to run both ways, e.g. softknn-apgd")
+    ap.add_argument("--n-attack", type=int, default=20)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -51,7 +74,7 @@ def main() -> None:
     x = data.test.head(max(batches)).floats()
     g = torch.Generator().manual_seed(0)
     moved = (x + eps * torch.where(torch.rand(x.shape, generator=g) < 0.5, -1.0, 1.0)).clamp(0, 1)
-    rows, records = [], []
+    rows, records, attack_rows = [], [], []
     for name in args.subjects.split(","):
         kwargs = {} if name != "raw_pixel_knn" or args.choose_k else {"k": 3}
         defense = getattr(subjects, name)(**kwargs)
@@ -79,6 +102,12 @@ def main() -> None:
                                 "screen_s": screened, "speedup": scan / screened, "identical": same,
                                 "screen_build_s": build_s})
         print(f"{name}: k = {defense.k}, bank {tuple(bank.shape)}, screen built in {build_s:.1f} s", flush=True)
+        for attack in filter(None, args.attacks.split(",")):
+            record = attack_both_ways(defense, data, attack, eps, args.n_attack)
+            attack_rows.append([name, attack, record["n"], f"{record['scan_s']:.1f}", f"{record['screen_s']:.1f}",
+                                f"{record['scan_s'] / record['screen_s']:.2f}", record["identical"]])
+            records.append({"subject": name, **record})
+            print(f"  {attack}: {attack_rows[-1][3:]}", flush=True)
     meta = {"torch": torch.__version__, "python": platform.python_version(),
             "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "command": "python " + " ".join(sys.argv)}
@@ -86,6 +115,9 @@ def main() -> None:
           f"{args.repeats}")
     print(tabulate(rows, headers=["subject", "queries", "batch", "scan ms", "screen ms", "scan / screen",
                                   "identical votes"], tablefmt="github"))
+    if attack_rows:
+        print(tabulate(attack_rows, headers=["subject", "attack", "images", "scan s", "screen s", "scan / screen",
+                                             "identical examples"], tablefmt="github"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": records}, f, indent=1)
