@@ -7,10 +7,11 @@ the gradient at zero distance (u = v, duplicate points) is 0 instead of NaN.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
+
+from .memo import TensorMemo
 
 
 def _safe_sqrt(sq: torch.Tensor) -> torch.Tensor:
@@ -52,28 +53,26 @@ def _bank_terms(sb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sb.pow(2).sum(-1).unsqueeze(1), sb.transpose(1, 2).contiguous()
 
 
-_LAST_BANK: list[Any] = []  # [(weak ref to the bank,), (its version,), n_spaces, its terms]: the bank attacks step on
-_LAST_GROUPED: list[Any] = []  # [weak refs to bank and labels, their versions, n_spaces, the grouped terms]
+def _grouped(b: torch.Tensor, labels: torch.Tensor, n_spaces: int,
+             n_classes: int) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], list[tuple[int, int, int]]]:
+    order = torch.argsort(labels, stable=True)
+    counts = torch.bincount(labels, minlength=n_classes).tolist()
+    starts = [sum(counts[:c]) for c in range(n_classes)]
+    segments = [(c, s, s + n) for c, (s, n) in enumerate(zip(starts, counts)) if n]
+    sb = split_spaces(b[order], n_spaces)
+    return (*_bank_terms(sb), sb), segments
 
 
-def _is_kept(entry: list[Any], tensors: tuple[torch.Tensor, ...], n_spaces: int) -> bool:
-    """Whether a kept entry was made from these very tensors, unedited, for this split."""
-    return (bool(entry) and all(ref() is t for ref, t in zip(entry[0], tensors))
-            and entry[1] == tuple(t._version for t in tensors) and entry[2] == n_spaces)
+# One entry each, so the vote's layout of the unordered bank is not evicted by the class-ordered one at every step.
+_FIXED_TERMS = TensorMemo(lambda b, n_spaces: _bank_terms(split_spaces(b, n_spaces)))
+_GROUPED = TensorMemo(_grouped)
 
 
 def fixed_bank_terms(b: torch.Tensor, n_spaces: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_bank_terms` of a fixed bank, kept between calls: an attack computes the distance to the same bank
-    at every step, and laying out a wide bank (50k × 2078 for deep k-NN) cost 40% of each step at batch 250 on
-    the CPU (76% at 16 points). One entry, found by the bank's identity (a weak reference: a freed bank is never
-    matched) and version (an in-place edit bumps it)."""
-    if b.is_inference():  # an inference tensor keeps no version counter: never kept
-        return _bank_terms(split_spaces(b, n_spaces))
-    if _is_kept(_LAST_BANK, (b,), n_spaces):
-        return _LAST_BANK[3]
-    terms = _bank_terms(split_spaces(b, n_spaces))
-    _LAST_BANK[:] = [(weakref.ref(b),), (b._version,), n_spaces, terms]
-    return terms
+    """:func:`_bank_terms` of a fixed bank, kept between calls (:class:`~robustbench_knn.memo.TensorMemo`): an
+    attack computes the distance to the same bank at every step, and laying out a wide bank (50k × 2078 for deep
+    k-NN) cost 40% of each step at batch 250 on the CPU (76% at 16 points)."""
+    return _FIXED_TERMS.get(b, n_spaces)
 
 
 def grouped_bank(b: torch.Tensor, labels: torch.Tensor, n_spaces: int,
@@ -81,20 +80,8 @@ def grouped_bank(b: torch.Tensor, labels: torch.Tensor, n_spaces: int,
     """The bank's rows ordered by label, as :class:`BankBlocks` terms (squared norms, matmul layout, rows split
     into sub-spaces), and each class's columns ``(c, start, stop)`` in that order. A loss that sums over each
     class's bank points (the §2.5 potentials) then reduces contiguous column ranges instead of multiplying
-    every block by an M × K one-hot matrix. Kept between calls like :func:`fixed_bank_terms` (its own entry,
-    so the vote's layout of the unordered bank is not evicted at every attack step)."""
-    keepable = not b.is_inference() and not labels.is_inference()  # inference tensors keep no version counter
-    if keepable and _is_kept(_LAST_GROUPED, (b, labels), n_spaces):
-        return _LAST_GROUPED[3]
-    order = torch.argsort(labels, stable=True)
-    counts = torch.bincount(labels, minlength=n_classes).tolist()
-    starts = [sum(counts[:c]) for c in range(n_classes)]
-    segments = [(c, s, s + n) for c, (s, n) in enumerate(zip(starts, counts)) if n]
-    sb = split_spaces(b[order], n_spaces)
-    out = ((*_bank_terms(sb), sb), segments)
-    if keepable:
-        _LAST_GROUPED[:] = [(weakref.ref(b), weakref.ref(labels)), (b._version, labels._version), n_spaces, out]
-    return out
+    every block by an M × K one-hot matrix. Kept between calls like :func:`fixed_bank_terms`."""
+    return _GROUPED.get(b, labels, n_spaces, n_classes)
 
 
 class _DistanceToFixedBank(torch.autograd.Function):

@@ -38,13 +38,13 @@ def test_the_kept_bank_layout_follows_the_bank():
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(5, 8, generator=g, dtype=torch.float64), torch.randn(30, 8, generator=g, dtype=torch.float64)
     first = attack_step(a, b, 2)
-    assert distances._LAST_BANK and distances._LAST_BANK[0][0]() is b  # kept
-    kept = distances._LAST_BANK[3]
+    assert distances._FIXED_TERMS.holds(b, 2)  # kept
+    kept = distances.fixed_bank_terms(b, 2)
     again = attack_step(a, b, 2)
-    assert distances._LAST_BANK[3] is kept  # reused, same values
+    assert distances.fixed_bank_terms(b, 2) is kept  # reused, same values
     torch.testing.assert_close(again[0], first[0])
     torch.testing.assert_close(pairwise_distance(a, b, 2), first[0])  # a query-only attack's path: kept too
-    assert distances._LAST_BANK[3] is kept
+    assert distances.fixed_bank_terms(b, 2) is kept
     b.mul_(2)  # an in-place edit: the kept layout is stale and must not be used
     torch.testing.assert_close(pairwise_distance(a, b, 2), brute(a, b, 2))
     torch.testing.assert_close(attack_step(a, b, 2)[0], brute(a, b, 2))
@@ -59,6 +59,6 @@ def test_an_inference_mode_bank_is_never_kept():
     a = torch.randn(4, 6, generator=g)
     with torch.inference_mode():
         b = torch.randn(20, 6, generator=g)
-    distances._LAST_BANK.clear()
+    distances._FIXED_TERMS.clear()
     torch.testing.assert_close(pairwise_distance(a, b, 1, workspace=[]), brute(a, b, 1), rtol=1e-4, atol=1e-4)
-    assert not distances._LAST_BANK
+    assert distances._FIXED_TERMS._refs == ()  # nothing kept

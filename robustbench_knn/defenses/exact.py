@@ -5,8 +5,7 @@ neighbours, order and votes whichever way it was found."""
 
 from __future__ import annotations
 
-import weakref
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -21,27 +20,6 @@ def exact_distances(emb: torch.Tensor, points: torch.Tensor, n_spaces: int) -> t
     d = w // n_spaces
     diff = points.double() - emb.double()[:, None, :]
     return diff.reshape(n, c, n_spaces, d).pow(2).sum(-1).sqrt().sum(-1)
-
-
-class BankMemo:
-    """The last bank's derived data (norms, a screen), computed by ``make(bank, *args)``: a bank is voted on often.
-    Keyed by the tensor itself (a weak reference, so the memo keeps nothing alive), its version counter and the
-    arguments, not its address: a freed bank's memory is reused by the next tensor of the same size, and a view of
-    the same memory with other strides has the same address and shape, so an address key handed one bank's data to
-    another."""
-
-    def __init__(self, make: Callable[..., Any]) -> None:
-        self._make = make
-        self._ref: weakref.ref | None = None
-        self._key: tuple = ()
-        self._value: Any = None
-
-    def get(self, bank: torch.Tensor, *args: Any) -> Any:
-        key = (bank._version, *args)
-        if self._ref is None or self._ref() is not bank or self._key != key:
-            self._value = self._make(bank, *args)
-            self._ref, self._key = weakref.ref(bank), key
-        return self._value
 
 
 def exact_order(emb: torch.Tensor, bank: torch.Tensor, cand: torch.Tensor, n_spaces: int,

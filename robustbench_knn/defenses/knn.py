@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from ..distances import pairwise_distance
+from ..memo import TensorMemo
 from .exact import (
     ROWS_F64,
-    BankMemo,
     exact_distances,  # noqa: F401  (re-exported: callers and tests import it from here)
     exact_order,
     exact_order_row,
@@ -46,7 +46,7 @@ def _bank_space_norms(bank: torch.Tensor, n_spaces: int) -> torch.Tensor:
     return torch.linalg.vector_norm(bank.reshape(len(bank), n_spaces, -1), dim=-1, dtype=torch.float64)
 
 
-_BANK_NORMS = BankMemo(_bank_space_norms)
+_BANK_NORMS = TensorMemo(_bank_space_norms)
 
 
 def _error_factor(width: int, n_spaces: int) -> float:

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .exact import BankMemo, exact_order, exact_order_row
+from ..memo import TensorMemo
+from .exact import exact_order, exact_order_row
 
 SCREEN_DIMS = 128  # directions kept: 1/16 of deep features' width, ~97% of their variance
 MIN_WIDTH = 512  # narrower banks (the paper's 30 coordinates) cost less to scan than to screen
@@ -95,7 +96,7 @@ def build_screen(bank: torch.Tensor, dims: int = SCREEN_DIMS, seed: int = 0) -> 
                   margin=(_error_scale(basis.shape[1]) * norm).float())
 
 
-_SCREENS = BankMemo(build_screen)
+_SCREENS = TensorMemo(build_screen)
 
 
 def lower_bounds(screen: Screen, emb: torch.Tensor) -> torch.Tensor:
