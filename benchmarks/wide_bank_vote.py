@@ -42,17 +42,20 @@ def best_of(fn, repeats: int) -> float:
 
 def attack_both_ways(defense: torch.nn.Module, data, attack: str, eps: float, n: int) -> dict:
     """``attack`` on the first ``n`` correctly voted test images, the vote scanning then screening, same seed."""
-    x, y = data.test.head(4 * n).floats().to(defense.device), data.test.head(4 * n).y.to(defense.device)
+    head = data.test.head(4 * n)
+    x, y = head.floats().to(defense.device), head.y.to(defense.device)
     keep = (defense.predict(x) == y).nonzero().squeeze(1)[:n]
     x, y = x[keep], y[keep]
     out, seconds = [], []
-    for on in (False, True):
-        knn.uses_screen = screen.uses_screen if on else (lambda *_: False)
-        torch.manual_seed(0)
-        t0 = time.perf_counter()
-        out.append(get_attack(attack).build(defense, eps)(x, y))
-        seconds.append(time.perf_counter() - t0)
-    knn.uses_screen = screen.uses_screen
+    try:
+        for on in (False, True):
+            knn.uses_screen = screen.uses_screen if on else (lambda *_: False)
+            torch.manual_seed(0)
+            t0 = time.perf_counter()
+            out.append(get_attack(attack).build(defense, eps)(x, y))
+            seconds.append(time.perf_counter() - t0)
+    finally:  # the vote's own switch again, even when an attack fails
+        knn.uses_screen = screen.uses_screen
     return {"attack": attack, "n": len(x), "scan_s": seconds[0], "screen_s": seconds[1],
             "identical": torch.equal(out[0], out[1])}
 
