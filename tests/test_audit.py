@@ -8,6 +8,8 @@ import torch
 from robustbench_knn.cli import _model_config, build_parser, main
 from robustbench_knn.data import load_cifar10
 from robustbench_knn.evaluation.audit import attribution, run_audit
+from robustbench_knn.evaluation.audit_checks import exact_zero, verdict
+from robustbench_knn.evaluation.checks import Check
 from robustbench_knn.paper.classifier import build_classifier
 from robustbench_knn.paper.train import train_model
 from robustbench_knn.reports.audit_report import audit_model_card, save_audit
@@ -62,6 +64,40 @@ def test_audit_passes_an_honest_model(tiny_clf, tiny_data):
     assert res["upper_bound_acc"] == pytest.approx(100 * worst.float().mean().item(), abs=0.01)
 
 
+def _zero_grad_fail_checks(deterministic="PASS"):
+    return [Check("zero/non-finite gradients", "FAIL", "max 7.3%", "why", decides=True),
+            Check("deterministic", deterministic, "3 calls agree", "why")]
+
+
+def test_an_exact_zero_needs_no_point_left_and_a_deterministic_decision():
+    checks = _zero_grad_fail_checks()
+    assert exact_zero([0, 0, 0], checks) and exact_zero(torch.zeros(3, dtype=torch.bool), checks)
+    assert not exact_zero([0, 1, 0], checks)
+    assert not exact_zero([0, 0, 0], _zero_grad_fail_checks("WARN"))  # a randomised vote: a break may not repeat
+    assert exact_zero([0], [{"name": "deterministic", "verdict": "PASS"}])  # checks as read back from a JSON
+    unsound = Check("certified points unbroken", "FAIL", "1 broken", "why", decides=True)
+    assert not exact_zero([0, 0, 0], [*checks, unsound])  # a certified point broken: the judge itself is in doubt
+    assert not exact_zero([0], [])
+
+
+def test_a_failed_check_cannot_discredit_an_exact_zero():
+    """Every check asks whether the standard suite's figure is too high: 0.0% with a valid example for every point
+    cannot be. (Planted bugs caught: ``exact`` ignored → NOT TRUSTED; ``exact`` dropping the failures instead of
+    naming them → no masking sign.)"""
+    v = verdict(_zero_grad_fail_checks(), 0.0, 0.0, 9, ["white-box"], exact=True)
+    assert v["status"] == "TRUSTED WITH WARNINGS" and v["trusted"] and v["failed"] == []
+    assert v["masking_signs"] == ["zero/non-finite gradients"] and "is exact" in v["text"]
+    v = verdict(_zero_grad_fail_checks(), 0.1, 0.0, 9, ["white-box"], exact=False)
+    assert v["status"] == "NOT TRUSTED" and v["failed"] == ["zero/non-finite gradients"]
+
+
+def test_audit_calls_a_standard_suite_that_breaks_every_point_exact(tiny_clf, tiny_data):
+    x, y = _batch(tiny_data, 15)
+    small = {**SMALL, "adaptive": ("feature",), "standard": ("kfgsm", "aa:apgd"), "sweep_eps": (0.0, 0.5)}
+    res = run_audit(tiny_clf, x, y, 0.5, **small)
+    assert res["reported_acc"] == 0.0 and "is exact" in res["verdict"]["text"], res["verdict"]["text"]
+
+
 def test_attribution_first_breaker_in_run_order():
     clean = torch.tensor([True, True, True, False])
     order = [("a", torch.tensor([False, True, True, False])), ("b", torch.tensor([False, False, True, False]))]
@@ -85,9 +121,14 @@ def test_save_audit_writes_json_csv_and_plots(tiny_clf, tiny_data, tmp_path):
     assert card["eps"] == "16/255"
     # the bound is unreliable only when a check other than "the standard suite was beaten" failed (planted bug
     # caught: a card that calls every NOT TRUSTED bound unreliable, or none)
+    survivor = [1] + [0] * (len(res["worst_case_robust"]) - 1)
     for failed, want in ((["adaptive/all vs standard"], False), (["zero/non-finite gradients"], True), ([], False)):
-        other = {**res, "verdict": {**res["verdict"], "failed": failed}}
+        other = {**res, "verdict": {**res["verdict"], "failed": failed}, "worst_case_robust": survivor}
         assert audit_model_card(other)["unreliable"] is want
+    # ... but never on an exact 0.0% bound (planted bug caught: the card ignoring exactness)
+    none_left = {**res, "verdict": {**res["verdict"], "failed": ["zero/non-finite gradients"]},
+                 "worst_case_robust": [0] * len(survivor)}
+    assert audit_model_card(none_left)["unreliable"] is False
     assert float(card["worst_case_robust_acc"]) == res["upper_bound_acc"] and "Audit verdict" in card["footnote"]
 
 

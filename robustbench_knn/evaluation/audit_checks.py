@@ -4,11 +4,14 @@ strength (Zimmermann et al. 2022). ``audit.py`` runs the attacks; this module on
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from .checks import Check, agreement_check, gradient_check, validity_check
+
+CERTIFICATE_CHECK = "certified points unbroken"
 
 
 # --------------------------------------------------------------------------------------------------- checks
@@ -126,7 +129,7 @@ def certificate_check(certified: torch.Tensor, robust: torch.Tensor) -> Check:
     """No attack may break a point certified at the audited ε: one that does means the certificate is unsound or
     the judge accepted an example outside the threat set; either way a figure here is wrong."""
     broken = (certified & ~robust).nonzero().flatten().tolist()
-    return Check("certified points unbroken", "FAIL" if broken else "PASS",
+    return Check(CERTIFICATE_CHECK, "FAIL" if broken else "PASS",
                  f"{int(certified.sum())} certified points, {len(broken)} broken by an attack"
                  + (f" (test indices {broken[:10]})" if broken else ""),
                  "a certified lower bound and a valid adversarial example cannot both hold for one point",
@@ -136,22 +139,36 @@ def certificate_check(certified: torch.Tensor, robust: torch.Tensor) -> Check:
 _FAMILY_WORDS = {"white-box": "adaptive white-box", "gradient-free": "gradient-free", "transfer": "transfer"}
 
 
+def exact_zero(robust: Sequence[int] | torch.Tensor, checks: Sequence[Check | dict[str, Any]]) -> bool:
+    """No point left robust (each robust flag already counts an invalid example as a failure of the attack, so every
+    break is a valid example), a decision that gave the same answer on every call, and no certificate that
+    contradicts a break (which would put the judge of validity itself in doubt): 0.0% is then exact, and no sign
+    of weak or masked attacks can mean it is too high."""
+    verdicts = {c["name"] if isinstance(c, dict) else c.name: c["verdict"] if isinstance(c, dict) else c.verdict
+                for c in checks}
+    return (verdicts.get("deterministic") == "PASS" and verdicts.get(CERTIFICATE_CHECK) != "FAIL"
+            and not any(bool(v) for v in robust))
+
+
 def verdict(checks: list[Check], reported: float, bound: float, n_runs: int, confirmers: list[str] | None = None,
-            notes: list[str] | None = None) -> dict[str, Any]:
+            notes: list[str] | None = None, exact: bool = False) -> dict[str, Any]:
     """Plain words: can the standard suite's number be trusted, and the best upper bound on true robustness.
 
     Trusted unless a deciding check fails; failed diagnostic checks (masking signs in the standard attacks)
     are named as warnings when the adaptive attacks confirm the number anyway. ``confirmers``: the families of
-    the attacks that ran beyond the standard suite (the verdict speaks only of those)."""
-    failed = [c.name for c in checks if c.verdict == "FAIL" and c.decides]
-    signs = [c.name for c in checks if c.verdict == "FAIL" and not c.decides]
+    the attacks that ran beyond the standard suite (the verdict speaks only of those). ``exact``: the standard
+    suite left no point robust (:func:`exact_zero`); every check asks whether the figure is too high, which 0.0%
+    cannot be, so its failures become masking signs."""
+    failed = [c.name for c in checks if c.verdict == "FAIL" and c.decides and not exact]
+    signs = [c.name for c in checks if c.verdict == "FAIL" and (exact or not c.decides)]
     warned = [c.name for c in checks if c.verdict == "WARN"]
     status = "NOT TRUSTED" if failed else "TRUSTED WITH WARNINGS" if signs or warned or not confirmers else "TRUSTED"
     words = [_FAMILY_WORDS.get(f, f) for f in confirmers or []]
     by = (", ".join(words[:-1]) + " and " + words[-1]) if len(words) > 1 else (words[0] if words else "")
     parts = [f"{status}: the standard suite's robust accuracy {reported:.1f}% "
              + (f"cannot be trusted (failed: {', '.join(failed)})" if failed else
-                f"is confirmed by the {by} attacks" if by else "is not checked by any attack beyond it")]
+                "is exact: every attacked point has a valid adversarial example against a deterministic decision"
+                if exact else f"is confirmed by the {by} attacks" if by else "is not checked by any attack beyond it")]
     if signs:
         parts.append(f"masking signs in the attacks: {', '.join(signs)}")
     if warned:

@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 
 from ..evaluation.api import model_card
+from ..evaluation.audit_checks import exact_zero
 from ..evaluation.distributed import current
 from ..store import write_json, write_text
 from .plots import plot_eps_curves, plot_steps_curves
@@ -30,9 +31,12 @@ def attacks_frame(result: dict[str, Any]) -> pd.DataFrame:
 def audit_model_card(result: dict[str, Any]) -> dict[str, Any]:
     """RobustBench's ``model_info`` fields from an audit: the best upper bound (per-sample worst case over every
     run) as the robust accuracy. ``unreliable`` when a deciding check failed other than the standard suite being
-    beaten by the other attacks: that failure discredits the standard suite's figure, not this bound."""
+    beaten by the other attacks (that failure discredits the standard suite's figure, not this bound), unless the
+    bound is an exact 0.0% (:func:`exact_zero`), which no weakness of the attacks can have made too high."""
     verdict = result["verdict"]
     against_bound = [name for name in verdict["failed"] if name != "adaptive/all vs standard"]
+    if exact_zero(result.get("worst_case_robust", [1]), result["checks"]):
+        against_bound = []
     cert = result.get("certificate") or {}
     certified = (cert["certified_acc"][cert["eps"].index(result["eps"])]
                  if result["eps"] in cert.get("eps", []) else None)
