@@ -8,8 +8,8 @@ import torch
 from robustbench_knn.cli import _model_config, build_parser, main
 from robustbench_knn.data import load_cifar10
 from robustbench_knn.evaluation.audit import attribution, run_audit
-from robustbench_knn.evaluation.audit_checks import exact_zero, verdict
-from robustbench_knn.evaluation.checks import Check
+from robustbench_knn.evaluation.audit_checks import verdict
+from robustbench_knn.evaluation.checks import Check, exact_zero
 from robustbench_knn.paper.classifier import build_classifier
 from robustbench_knn.paper.train import train_model
 from robustbench_knn.reports.audit_report import audit_model_card, save_audit

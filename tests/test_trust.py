@@ -253,6 +253,45 @@ def test_a_card_with_an_audit_is_unreliable_when_the_audit_broke_more():
     assert reliability([Check("zero/non-finite gradients", "FAIL", "", "")], None)[0] is True
 
 
+def test_a_card_with_an_exact_zero_is_not_unreliable():
+    # planted bugs caught: a card that ignores exactness, or calls a 0.0% exact without a deterministic decision
+    from robustbench_knn.evaluation.checks import Check, reliability
+
+    grads = Check("zero/non-finite gradients", "FAIL", "max 7%", "")
+    det = Check("deterministic", "PASS", "3 calls agree", "")
+    unreliable, text = reliability([grads, det], None, 0.0, 3, robust=[0, 0, 0])
+    assert unreliable is False and "is exact" in text and "zero/non-finite gradients" in text
+    assert reliability([grads, det], None, 33.3, 3, robust=[0, 1, 0])[0] is True
+    assert reliability([grads, Check("deterministic", "WARN", "3 calls DIFFER", "")], None, 0.0, 3,
+                       robust=[0, 0, 0])[0] is True
+
+
+class _Flip(nn.Module):
+    """A decision that changes between calls: the tiny model's vote, shifted by one class on every second call."""
+
+    def __init__(self, clf):
+        super().__init__()
+        self.clf, self.device, self.calls = clf, clf.device, 0
+
+    def forward(self, x):
+        return self.clf(x)
+
+    def predict(self, x):
+        self.calls += 1
+        return (self.clf.predict(x) + self.calls % 2) % 10
+
+
+def test_the_cheap_checks_catch_a_randomised_decision(tiny_clf, tiny_data):
+    # planted bug caught: cheap checks without AutoAttack's check_randomized
+    from robustbench_knn.evaluation.checks import cheap_checks
+
+    x, _ = _batch(tiny_data, 20)
+    checks = {c.name: c.verdict for c in cheap_checks(tiny_clf, {}, {}, 20, x)}
+    assert checks["deterministic"] == "PASS"
+    checks = {c.name: c.verdict for c in cheap_checks(_Flip(tiny_clf), {}, {}, 20, x)}
+    assert checks["deterministic"] == "WARN"
+
+
 def test_cascade_gives_the_same_worst_case_on_fewer_points(tiny_clf, tiny_data):
     # planted bugs caught: survivors never narrowed (every attack on every point), or a later attack's breaks
     # dropped from the worst case

@@ -28,7 +28,6 @@ from .audit_checks import (
     attack_checks,
     bound_check,
     certificate_check,
-    exact_zero,
     iteration_checks,
     model_checks,
     sweep_checks,
@@ -36,7 +35,7 @@ from .audit_checks import (
 )
 from .cards import save_audit_record
 from .certify import CERTIFIED, certified_sweep
-from .checks import binomial_tol, family_of
+from .checks import binomial_tol, exact_zero, family_of
 from .evaluate import provenance, robust_mask, run_attacks, versions
 
 QUICK_STANDARD = ("kfgsm", "aa:apgd")

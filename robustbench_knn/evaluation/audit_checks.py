@@ -4,14 +4,18 @@ strength (Zimmermann et al. 2022). ``audit.py`` runs the attacks; this module on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from .checks import Check, agreement_check, gradient_check, validity_check
-
-CERTIFICATE_CHECK = "certified points unbroken"
+from .checks import (
+    CERTIFICATE_CHECK,
+    Check,
+    agreement_check,
+    determinism_check,
+    gradient_check,
+    validity_check,
+)
 
 
 # --------------------------------------------------------------------------------------------------- checks
@@ -28,13 +32,9 @@ def bound_check(reported: float, bound: float, tol: float) -> Check:
 
 def model_checks(clf: torch.nn.Module, x: torch.Tensor) -> list[Check]:
     """AutoAttack's check_randomized and check_range_output, and whether the surrogate agrees with the vote."""
+    checks = [c for c in (determinism_check(clf, x),) if c is not None]
     with torch.no_grad():
-        preds = [clf.predict(x) for _ in range(3)]
-        outs = [clf(x) for _ in range(2)]
-    same = all(torch.equal(preds[0], p) for p in preds[1:]) and torch.allclose(outs[0], outs[1], atol=1e-5)
-    checks = [Check("deterministic", "PASS" if same else "WARN", f"3 calls {'agree' if same else 'DIFFER'}",
-                    "a randomised decision needs EOT attacks; fixed-input attacks overestimate its robustness")]
-    out = outs[0]
+        out = clf(x)
     probs = bool(out.min() > -1e-5 and out.max() < 1 + 1e-5 and ((out.sum(1) - 1).abs() < 1e-5).all())
     checks.append(Check("logits not probabilities", "WARN" if probs else "PASS",
                         f"outputs in [{out.min():.3g}, {out.max():.3g}]",
@@ -137,17 +137,6 @@ def certificate_check(certified: torch.Tensor, robust: torch.Tensor) -> Check:
 
 
 _FAMILY_WORDS = {"white-box": "adaptive white-box", "gradient-free": "gradient-free", "transfer": "transfer"}
-
-
-def exact_zero(robust: Sequence[int] | torch.Tensor, checks: Sequence[Check | dict[str, Any]]) -> bool:
-    """No point left robust (each robust flag already counts an invalid example as a failure of the attack, so every
-    break is a valid example), a decision that gave the same answer on every call, and no certificate that
-    contradicts a break (which would put the judge of validity itself in doubt): 0.0% is then exact, and no sign
-    of weak or masked attacks can mean it is too high."""
-    verdicts = {c["name"] if isinstance(c, dict) else c.name: c["verdict"] if isinstance(c, dict) else c.verdict
-                for c in checks}
-    return (verdicts.get("deterministic") == "PASS" and verdicts.get(CERTIFICATE_CHECK) != "FAIL"
-            and not any(bool(v) for v in robust))
 
 
 def verdict(checks: list[Check], reported: float, bound: float, n_runs: int, confirmers: list[str] | None = None,

@@ -77,7 +77,7 @@ def annotate_reliability(result: dict[str, Any], clf: torch.nn.Module, x: torch.
     for r in result["per_eps"]:
         checks = cheap_checks(clf, r["attacks"], families, n, x)
         audit = find_audit(cells, r["eps"], result.get("threat_model", "Linf"))
-        unreliable, footnote = reliability(checks, audit, r["worst_case_acc"], result["n"])
+        unreliable, footnote = reliability(checks, audit, r["worst_case_acc"], result["n"], r.get("worst_case_robust"))
         r.update({"checks": [asdict(c) for c in checks], "unreliable": unreliable, "footnote": footnote,
                   "families": families, "audit": audit})
 

@@ -8,6 +8,7 @@ footnote names it; the masking audit (``audit.py``) adds its expensive checks on
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 
 ZERO_GRAD_FAIL = 0.05  # more than this fraction of attacked points with a zero/non-finite guiding gradient
 AGREEMENT_WARN = 90.0  # % of points on which the surrogate's argmax must agree with the decision
+CERTIFICATE_CHECK = "certified points unbroken"  # the audit's: a certified point that an attack broke
 
 
 @dataclass
@@ -83,12 +85,36 @@ def agreement_check(clf: torch.nn.Module, x: torch.Tensor) -> Check | None:
                  "surrogate-guided attacks aim at the surrogate's decision, not the judged one")
 
 
+@torch.no_grad()
+def determinism_check(clf: torch.nn.Module, x: torch.Tensor) -> Check | None:
+    """AutoAttack's check_randomized: three decisions and two forwards on the same clean images must agree."""
+    if len(x) == 0:
+        return None
+    preds = [clf.predict(x) for _ in range(3)]
+    outs = [clf(x) for _ in range(2)]
+    same = all(torch.equal(preds[0], p) for p in preds[1:]) and torch.allclose(outs[0], outs[1], atol=1e-5)
+    return Check("deterministic", "PASS" if same else "WARN", f"3 calls {'agree' if same else 'DIFFER'}",
+                 "a randomised decision needs EOT attacks; fixed-input attacks overestimate its robustness")
+
+
+def exact_zero(robust: Sequence[int] | torch.Tensor, checks: Sequence[Check | dict[str, Any]]) -> bool:
+    """No point left robust (each robust flag already counts an invalid example as a failure of the attack, so every
+    break is a valid example), a decision that gave the same answer on every call, and no certificate that
+    contradicts a break (which would put the judge of validity itself in doubt): 0.0% is then exact, and no sign
+    of weak or masked attacks can mean it is too high."""
+    verdicts = {c["name"] if isinstance(c, dict) else c.name: c["verdict"] if isinstance(c, dict) else c.verdict
+                for c in checks}
+    return (verdicts.get("deterministic") == "PASS" and verdicts.get(CERTIFICATE_CHECK) != "FAIL"
+            and not any(bool(v) for v in robust))
+
+
 def cheap_checks(clf: torch.nn.Module, cells: dict[str, Any], families: dict[str, str], n: int,
                  x: torch.Tensor) -> list[Check]:
-    """The checks a default run carries: validity, zero gradients, gradient-free vs gradient-based, surrogate
-    vs decision agreement (on ``x``, a few clean images)."""
+    """The checks a default run carries: validity, zero gradients, gradient-free vs gradient-based, and on ``x``
+    (a few clean images) a deterministic decision and surrogate vs decision agreement."""
     checks = [validity_check(cells), gradient_check(cells, families)]
-    checks += [c for c in (gradient_free_check(cells, families, n), agreement_check(clf, x)) if c is not None]
+    checks += [c for c in (gradient_free_check(cells, families, n), determinism_check(clf, x),
+                           agreement_check(clf, x)) if c is not None]
     return checks
 
 
@@ -102,10 +128,12 @@ def family_of(spec: Any, clf: torch.nn.Module) -> str:
 
 
 def reliability(checks: list[Check], audit: dict[str, Any] | None = None, worst: float | None = None,
-                n: int = 0) -> tuple[bool, str]:
+                n: int = 0, robust: Sequence[int] | None = None) -> tuple[bool, str]:
     """(unreliable, footnote) for a model card. Any failed cheap check sets unreliable, with its numbers in the
     footnote. An audit of the same model and ε on the same images adds its bound: a worst case above it (beyond
-    the binomial tolerance) is unreliable too, since the audit's attacks broke points this run counts robust."""
+    the binomial tolerance) is unreliable too, since the audit's attacks broke points this run counts robust.
+    ``robust``: the per-sample worst case; when it leaves no point (:func:`exact_zero`) the 0.0% is exact and
+    failed checks are named as masking signs without making the card unreliable."""
     failed = [c for c in checks if c.verdict == "FAIL"]
     if audit is not None and worst is not None and audit.get("n") == n:
         tol = binomial_tol(worst, n)
@@ -117,11 +145,15 @@ def reliability(checks: list[Check], audit: dict[str, Any] | None = None, worst:
     warned = [c for c in checks if c.verdict == "WARN"]
     text = ("Robust accuracy is the per-sample worst case over the attacks listed, judged by the model's own "
             "decision. Cheap checks: " + "; ".join(f"{c.name} {c.verdict} ({c.numbers})" for c in checks) + ".")
-    if failed:
+    exact = robust is not None and exact_zero(robust, checks)
+    if failed and exact:
+        text += (" The worst case 0.0% is exact (every point broken by a valid example of a deterministic decision);"
+                 " masking signs: " + ", ".join(c.name for c in failed) + ".")
+    elif failed:
         text += " UNRELIABLE: " + ", ".join(c.name for c in failed) + " failed" + \
             ("." if audit is not None else "; run `robustbench-knn audit`.")
     elif warned:
         text += " Warnings: " + ", ".join(c.name for c in warned) + "."
     if audit is not None:
         text += f" Masking audit of this model at this ε ({audit['n']} images): {audit['text']}"
-    return bool(failed), text
+    return bool(failed) and not exact, text

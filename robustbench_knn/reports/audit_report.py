@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from ..evaluation.api import model_card
-from ..evaluation.audit_checks import exact_zero
+from ..evaluation.checks import exact_zero
 from ..evaluation.distributed import current
 from ..store import write_json, write_text
 from .plots import plot_eps_curves, plot_steps_curves
