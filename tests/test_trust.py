@@ -3,6 +3,7 @@ that change with every setting, decision-aligned logits changing a toolkit's res
 card's ``unreliable``, the audit's tolerance and verdict, and transfer sources that differ from the target.
 Each test names the planted bug it catches."""
 
+import copy
 import json
 
 import pytest
@@ -11,10 +12,11 @@ from torch import nn
 
 from robustbench_knn.attacks import Attack, AttackSpec, get_attack
 from robustbench_knn.config import UsageError
-from robustbench_knn.defenses.defense import KNNDefense
+from robustbench_knn.defenses.defense import KNNDefense, as_classifier
 from robustbench_knn.evaluation import evaluate as ev
 from robustbench_knn.evaluation.api import benchmark, resolve_attacks
 from robustbench_knn.evaluation.audit_checks import model_checks
+from robustbench_knn.evaluation.cards import annotate_reliability
 from robustbench_knn.evaluation.checks import binomial_tol
 from robustbench_knn.evaluation.evaluate import run_attacks
 
@@ -210,7 +212,20 @@ def test_default_benchmark_does_not_call_a_masked_defense_robust(hard_data, tmp_
     assert cells["native:softknn-apgd"]["zero_or_nonfinite_grad_frac"] > 0.5
     assert res.robust_acc <= res.per_attack["native:vote-square"] < res.clean_acc
     card = json.loads((tmp_path / "masked.model-card.json").read_text())
-    assert card["unreliable"] is True and "zero/non-finite gradients FAIL" in card["footnote"]
+    if res.robust_acc == 0.0:  # every point broken by a valid example of a deterministic decision: exact
+        assert card["unreliable"] is False and "is exact" in card["footnote"]
+        assert "masking signs: zero/non-finite gradients" in card["footnote"]
+    else:
+        assert card["unreliable"] is True and "zero/non-finite gradients FAIL" in card["footnote"]
+    # the same cells without the gradient-free attack: the worst case is the clean accuracy, and the card must say
+    # it cannot be trusted
+    raw = copy.deepcopy(res.raw)
+    r = raw["per_eps"][0]
+    del r["attacks"]["native:vote-square"]
+    r["worst_case_acc"], r["worst_case_robust"] = res.clean_acc, raw["clean_correct"]
+    annotate_reliability(raw, as_classifier(defense), hard_data.test.head(8).floats(), None)
+    assert r["worst_case_acc"] == 100.0 and r["unreliable"] is True
+    assert "zero/non-finite gradients FAIL" in r["footnote"] and "UNRELIABLE" in r["footnote"]
 
 
 def test_default_suite_depends_on_the_model(tiny_clf):
