@@ -53,14 +53,14 @@ def _bank_terms(sb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sb.pow(2).sum(-1).unsqueeze(1), sb.transpose(1, 2).contiguous()
 
 
-def _grouped(b: torch.Tensor, labels: torch.Tensor, n_spaces: int,
-             n_classes: int) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], list[tuple[int, int, int]]]:
+def _grouped(b: torch.Tensor, labels: torch.Tensor, n_spaces: int, n_classes: int
+             ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], list[tuple[int, int, int]], torch.Tensor]:
     order = torch.argsort(labels, stable=True)
     counts = torch.bincount(labels, minlength=n_classes).tolist()
     starts = [sum(counts[:c]) for c in range(n_classes)]
     segments = [(c, s, s + n) for c, (s, n) in enumerate(zip(starts, counts)) if n]
     sb = split_spaces(b[order], n_spaces)
-    return (*_bank_terms(sb), sb), segments
+    return (*_bank_terms(sb), sb), segments, order
 
 
 # One entry each, so the vote's layout of the unordered bank is not evicted by the class-ordered one at every step.
@@ -75,10 +75,11 @@ def fixed_bank_terms(b: torch.Tensor, n_spaces: int) -> tuple[torch.Tensor, torc
     return _FIXED_TERMS.get(b, n_spaces)
 
 
-def grouped_bank(b: torch.Tensor, labels: torch.Tensor, n_spaces: int,
-                 n_classes: int) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], list[tuple[int, int, int]]]:
-    """The bank's rows ordered by label, as :class:`BankBlocks` terms (squared norms, matmul layout, rows split
-    into sub-spaces), and each class's columns ``(c, start, stop)`` in that order. A loss that sums over each
+def grouped_bank(b: torch.Tensor, labels: torch.Tensor, n_spaces: int, n_classes: int
+                 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], list[tuple[int, int, int]], torch.Tensor]:
+    """The bank's rows ordered by label (stable: bank order within a class), as :class:`BankBlocks` terms (squared
+    norms, matmul layout, rows split into sub-spaces), each class's columns ``(c, start, stop)`` in that order, and
+    the order itself (``order[i]``: the bank row of column i). A loss that sums over each
     class's bank points (the §2.5 potentials) then reduces contiguous column ranges instead of multiplying
     every block by an M × K one-hot matrix. Kept between calls like :func:`fixed_bank_terms`."""
     return _GROUPED.get(b, labels, n_spaces, n_classes)

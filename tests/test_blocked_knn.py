@@ -214,6 +214,9 @@ def test_vote_from_the_surrogates_distances_is_the_same_decision():
     emb[2] = (bank[0] + bank[1]) / 2  # equidistant from two bank points: a tie at the edge
     defense = KNNDefense(torch.nn.Identity(), labels, bank_embeddings=bank, k=9, metric="sum-l2:2")
     _, dist = defense.surrogate.logits_and_distances(emb)
+    # planted bug caught: the surrogate's class-ordered distances handed to the vote without putting them back in
+    # bank order
+    torch.testing.assert_close(dist, pairwise_distance(emb, bank, 2), rtol=1e-5, atol=1e-5)
     for k in (1, 9, 50):
         with_dist = knn_votes(emb, bank, labels, k=k, n_spaces=2, n_classes=4, dist=dist)
         without = knn_votes(emb, bank, labels, k=k, n_spaces=2, n_classes=4)

@@ -167,7 +167,7 @@ def _class_sums(emb: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, n_s
     """The potentials (N, K) from per-class sums over a class-ordered bank (:func:`grouped_bank`), block by
     block; with ``coefficients`` (near, far) the steps also back-propagate them into the returned blocks."""
     c0 = math.exp(-lam * l0)
-    terms, segments = grouped_bank(bank, labels, n_spaces, n_classes)
+    terms, segments, _ = grouped_bank(bank, labels, n_spaces, n_classes)
     sums: list[torch.Tensor] = []
 
     def run(blocks: BankBlocks, step: Step) -> None:
@@ -210,7 +210,7 @@ class _BlockedPotentials(torch.autograd.Function):
         (emb,), (bank, labels) = ctx.saved_tensors, ctx.bank
         n_spaces, lam, l0, n_classes = ctx.consts
         c0 = math.exp(-lam * l0)
-        terms, segments = grouped_bank(bank, labels, n_spaces, n_classes)
+        terms, segments, _ = grouped_bank(bank, labels, n_spaces, n_classes)
         near, far = _coefficients(grad, lam, n_classes)
 
         def run(blocks: BankBlocks, step: Step) -> None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import UsageError
-from ..distances import BankBlocks, selected_distance_grad
+from ..distances import BankBlocks, grouped_bank, selected_distance_grad
 from .potential import class_potentials
 
 
@@ -43,30 +43,37 @@ class PotentialSurrogate(nn.Module):
 
 class _SoftKNNLogits(torch.autograd.Function):
     """logit_c = logsumexp over the m nearest bank points of class c of (−D/T), from distances computed block by
-    block without a gradient (:class:`BankBlocks`); the backward sends ∂L/∂D (non-zero on the selected points
-    only: −G_c·softmax/T) through those points alone (:func:`selected_distance_grad`). Also returns the N × M
-    distances, which the defense's hard vote of the same embedding reuses."""
+    block without a gradient (:class:`BankBlocks`) to the bank in class order (:func:`grouped_bank`), so that each
+    class's top-m reads a contiguous range of columns (gathering each class's columns out of bank-order distances
+    cost as much as the top-m itself); the backward sends ∂L/∂D (non-zero on the selected points only:
+    −G_c·softmax/T) through those points alone (:func:`selected_distance_grad`). With ``want_dist`` it also returns
+    the N × M distances in bank order, which the defense's hard vote of the same embedding reuses (else an empty
+    tensor)."""
 
     @staticmethod
-    def forward(ctx, emb: torch.Tensor, bank: torch.Tensor, class_idx: list[torch.Tensor], n_spaces: int, m: int,
-                temperature: float) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        blocks = BankBlocks(emb, bank, n_spaces)
-        dist = emb.new_empty(len(emb), len(bank))
+    def forward(ctx, emb: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, n_spaces: int, n_classes: int,
+                m: int, temperature: float, want_dist: bool) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        terms, segments, order = grouped_bank(bank, labels, n_spaces, n_classes)
+        blocks = BankBlocks(emb, bank, n_spaces, terms=terms)
+        by_class = emb.new_empty(len(emb), len(bank))
         for s, t in blocks.ranges():
-            dist[:, s:t] = blocks.distances(s, t)[1]
-        cols, sel, weights = [], [], []
-        for idx in class_idx:
-            mc = min(m, len(idx))
-            if mc == 0:  # a class absent from the bank can never be voted for
-                cols.append(emb.new_full((len(emb),), float("-inf")))
-                continue
-            near, pos = torch.topk(dist[:, idx], mc, dim=1, largest=False, sorted=False)
+            by_class[:, s:t] = blocks.distances(s, t)[1]
+        # a class absent from the bank can never be voted for
+        cols = [emb.new_full((len(emb),), float("-inf")) for _ in range(n_classes)]
+        sel, weights = [], []
+        for c, s, t in segments:
+            near, pos = torch.topk(by_class[:, s:t], min(m, t - s), dim=1, largest=False, sorted=False)
             z = -near / temperature
-            cols.append(torch.logsumexp(z, dim=1))
-            sel.append(idx[pos])
+            cols[c] = torch.logsumexp(z, dim=1)
+            sel.append(order[pos + s])  # bank rows: the backward runs over the bank itself
             weights.append(torch.softmax(z, dim=1))
+        if want_dist:
+            dist = torch.empty_like(by_class)
+            dist[:, order] = by_class
+        else:
+            dist = emb.new_empty(0)
         ctx.save_for_backward(emb)
-        ctx.rest = (bank, sel, weights, n_spaces, temperature, [len(i) > 0 for i in class_idx])
+        ctx.rest = (bank, sel, weights, n_spaces, temperature, [c for c, _, _ in segments])
         ctx.mark_non_differentiable(dist)
         return torch.stack(cols, 1), dist
 
@@ -74,9 +81,9 @@ class _SoftKNNLogits(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor, _grad_dist: torch.Tensor | None):  # type: ignore[override]
         (emb,), (bank, sel, weights, n_spaces, temperature, present) = ctx.saved_tensors, ctx.rest
-        cls = [c for c, p in enumerate(present) if p]
-        grad_sel = torch.cat([w * (-grad[:, c:c + 1] / temperature) for c, w in zip(cls, weights)], 1)
-        return selected_distance_grad(emb, bank, torch.cat(sel, 1), grad_sel, n_spaces), None, None, None, None, None
+        grad_sel = torch.cat([w * (-grad[:, c:c + 1] / temperature) for c, w in zip(present, weights)], 1)
+        return (selected_distance_grad(emb, bank, torch.cat(sel, 1), grad_sel, n_spaces),
+                None, None, None, None, None, None, None)
 
 
 class SoftKNNSurrogate(nn.Module):
@@ -87,19 +94,20 @@ class SoftKNNSurrogate(nn.Module):
         self._clf = [clf]
         self.m = int(m)
         self.temperature = float(temperature)
-        # indices of each class's training points, so the per-class top-m never mixes classes
-        self._class_idx = [torch.nonzero(clf.bank_labels == c).squeeze(1) for c in range(clf.n_classes)]
 
-    def logits_and_distances(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The logits and the N × M distances they came from (no gradient), for a vote of the same ``emb``."""
+    def _logits(self, emb: torch.Tensor, want_dist: bool) -> tuple[torch.Tensor, torch.Tensor]:
         clf = self._clf[0]
         if torch.is_grad_enabled() and clf.bank.requires_grad:
             raise UsageError("the soft-kNN surrogate needs a fixed bank (no gradient for it)")
-        idx = [i.to(emb.device) for i in self._class_idx]
-        return _SoftKNNLogits.apply(emb, clf.bank, idx, clf.n_spaces, self.m, self.temperature)
+        return _SoftKNNLogits.apply(emb, clf.bank, clf.bank_labels.to(emb.device), clf.n_spaces, clf.n_classes,
+                                    self.m, self.temperature, want_dist)
+
+    def logits_and_distances(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits and the N × M distances (bank order) they came from (no gradient), for a vote of ``emb``."""
+        return self._logits(emb, True)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        return self.logits_and_distances(emb)[0]
+        return self._logits(emb, False)[0]
 
 
 SURROGATES: dict[str, Callable[..., nn.Module]] = {"potential": PotentialSurrogate, "softknn": SoftKNNSurrogate}
