@@ -99,8 +99,8 @@ class SoftKNNSurrogate(nn.Module):
         clf = self._clf[0]
         if torch.is_grad_enabled() and clf.bank.requires_grad:
             raise UsageError("the soft-kNN surrogate needs a fixed bank (no gradient for it)")
-        return _SoftKNNLogits.apply(emb, clf.bank, clf.bank_labels.to(emb.device), clf.n_spaces, clf.n_classes,
-                                    self.m, self.temperature, want_dist)
+        return _SoftKNNLogits.apply(emb, clf.bank, clf.bank_labels, clf.n_spaces, clf.n_classes, self.m,
+                                    self.temperature, want_dist)
 
     def logits_and_distances(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The logits and the N × M distances (bank order) they came from (no gradient), for a vote of ``emb``."""
