@@ -9,7 +9,9 @@ one CUDA context per lane), most important first:
   100-epoch variant's audits and (B) Table 2, §3.5 and the cross-toolkit table;
 - ``trust``: FULL's toolkit attacks with and without aligned logits, the audits with the active test, the default
   suite, the two subjects and the masked example defense, AutoAttack standard on rows A, B and FULL;
-- ``scale``: FULL on all 10,000 test images.
+- ``scale``: FULL on all 10,000 test images;
+- ``step-deep16``: one attack step part by part (``bench --steps``), deep k-NN's full audit at 16/255 on 500
+  and then 1000 test images (the second reusing the first's cells), and ``bench``.
 
 A step that would outrun the deadline is interrupted like Ctrl-C (the commands keep what they finished and
 render partial tables honestly; their cells are cached, so a second run resumes); a failing step is logged and
@@ -163,7 +165,27 @@ def scale_plan(tiny: bool) -> tuple[list[str], dict[str, list[tuple[str, list[st
                                                   "--out", "tables/evaluate-10k-gpu", *t])]}
 
 
-PLANS = {"regenerate": plan, "trust": trust_plan, "scale": scale_plan}
+def step_deep16_plan(tiny: bool) -> tuple[None, dict[str, list[tuple[str, list[str]]]]]:
+    """One lane, in order of worth: the attack step's parts against the network on the GPU (issue 22's ratios),
+    deep k-NN on row A audited at 16/255 with the active test and transfer from row B on 500 test images, then
+    on 1000 (its first 500 images' cells come from the cache), then ``bench``'s throughput pairs. The audits
+    match the CPU's 300-image command (``--no-certify``: a certificate at 16/255 is not the gap)."""
+    n500, n1000 = (["--n-test", "20"], ["--n-test", "40"]) if tiny else (["--n-test", "500"], ["--n-test", "1000"])
+    model = ["--model", "robustbench_knn.defenses.subjects:deep_knn_a", "--quiet", "--eps", "16/255",
+             "--surrogate", "softknn", "--transfer-source", "b", "--active-test", "8" if tiny else "100",
+             "--no-certify"]
+    if tiny:
+        model += ["--batch-size", "10"]
+    return None, {"A": [
+        ("bench-steps", ["bench", "--steps", "--batches", "50,100" if tiny else "250,1000,10000",
+                         "--repeats", "2" if tiny else "10"]),
+        ("audit-deep_knn_a-16-500", ["audit", *model, *n500, "--out", "tables/eps16-audit-500"]),
+        ("bench", ["bench", "--repeats", "1" if tiny else "3"]),
+        ("audit-deep_knn_a-16-1000", ["audit", *model, *n1000, "--out", "tables/eps16-audit-1000"]),
+    ]}
+
+
+PLANS = {"regenerate": plan, "trust": trust_plan, "scale": scale_plan, "step-deep16": step_deep16_plan}
 
 
 def machine() -> dict[str, str]:
@@ -239,7 +261,8 @@ def main() -> int:
     ap.add_argument("--only", help="comma list of step names (default: all)")
     ap.add_argument("--plan", choices=tuple(PLANS), default="regenerate",
                     help="regenerate: recipe search, tables, audits; trust: default suites, audits with the active "
-                         "test, subjects and AutoAttack standard; scale: FULL on the 10k test set")
+                         "test, subjects and AutoAttack standard; scale: FULL on the 10k test set; step-deep16: "
+                         "the attack step's parts, deep k-NN's audit at 16/255")
     ap.add_argument("--threads", type=int, default=4, help="CPU threads per lane")
     ap.add_argument("--lane", help=argparse.SUPPRESS)  # internal: run one lane (with --sets, --deadline-at)
     ap.add_argument("--sets", help=argparse.SUPPRESS)
