@@ -42,6 +42,23 @@ def machine_name(device: torch.device | str) -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
+BLOCK_ENV = "ROBUSTBENCH_KNN_BLOCK_ELEMENTS"  # N × columns per block buffer, for measuring other block sizes
+CPU_BLOCK_ELEMENTS = 1 << 18  # a few such float buffers stay in a CPU's last-level cache
+# A GPU pays per kernel launch rather than per cache miss: at the CPU's budget a step over a 50,000-point bank was
+# hundreds of small launches (10,000 queries: 64-column blocks). 16M floats: 64 MB buffers, one block per class.
+GPU_BLOCK_ELEMENTS = 1 << 24
+
+
+def block_elements(device: torch.device) -> int:
+    """How many floats one block buffer of the blocked k-NN losses holds on ``device`` (``BLOCK_ENV`` overrides)."""
+    override = os.environ.get(BLOCK_ENV, "").strip()
+    if override:
+        if not override.isdigit() or int(override) < 1:
+            raise UsageError(f"{BLOCK_ENV}={override!r}: expected a positive integer")
+        return int(override)
+    return GPU_BLOCK_ELEMENTS if device.type == "cuda" else CPU_BLOCK_ELEMENTS
+
+
 COMPILE_ENV = "ROBUSTBENCH_KNN_COMPILE"  # "0": never compile; every fused kernel runs its eager fallback
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .devices import block_elements
 from .memo import TensorMemo
 
 
@@ -108,9 +109,6 @@ class _DistanceToFixedBank(torch.autograd.Function):
         return ga.transpose(0, 1).reshape(a.shape), None, None
 
 
-BLOCK_ELEMENTS = 1 << 18  # N × block floats per buffer: a few such buffers stay in the last-level cache
-
-
 class BankBlocks:
     """Distances from a batch to a fixed bank, block by block over the bank's columns, and the backward of any
     loss of those distances from its gradient ∂L/∂D, also per block. For losses over every bank point (the §2.5
@@ -129,7 +127,7 @@ class BankBlocks:
             terms = (*fixed_bank_terms(bank, n_spaces), split_spaces(bank, n_spaces))
         self.norms_b, self.sb_t, self.sb = terms  # (S, 1, M), (S, d, M), (S, M, d)
         n, self.m = emb.shape[0], self.sb.shape[1]
-        self.width = max(64, min(self.m, BLOCK_ELEMENTS // max(1, n)))
+        self.width = max(64, min(self.m, block_elements(emb.device) // max(1, n)))
         self.r = torch.empty((n_spaces, n, self.width), dtype=emb.dtype, device=emb.device)
         self.d = torch.empty((n, self.width), dtype=emb.dtype, device=emb.device)
         self.q = torch.empty_like(self.d)

@@ -4,16 +4,18 @@ surrogate's distances) against the whole-matrix implementations they replaced: s
 import pytest
 import torch
 
-from robustbench_knn import devices, distances
+from robustbench_knn import devices
+from robustbench_knn.config import UsageError
 from robustbench_knn.defenses import potential
 from robustbench_knn.defenses.defense import KNNDefense
 from robustbench_knn.defenses.knn import knn_votes
 from robustbench_knn.distances import pairwise_distance
 
 
-@pytest.fixture(autouse=True)
-def small_blocks(monkeypatch):
-    monkeypatch.setattr(distances, "BLOCK_ELEMENTS", 64)  # many blocks, a short last one
+@pytest.fixture(autouse=True, params=["64", "1000000000"])
+def block_budget(request, monkeypatch):
+    """Many blocks with a short last one (the CPU's way on a large bank), and one block per class (a GPU's)."""
+    monkeypatch.setenv(devices.BLOCK_ENV, request.param)
 
 
 def _data(seed, n=9, m=301, w=6, classes=4):
@@ -236,3 +238,12 @@ def test_attack_loss_refuses_an_unknown_option(grad):
     with pytest.raises(TypeError, match="lamda"):
         potential.attack_loss(emb.requires_grad_(grad), torch.zeros(len(emb), dtype=torch.long), bank, labels,
                               lamda=0.5)
+
+
+def test_block_budget_follows_the_device_and_refuses_a_bad_override(monkeypatch):
+    monkeypatch.delenv(devices.BLOCK_ENV)
+    assert devices.block_elements(torch.device("cpu")) < devices.block_elements(torch.device("cuda"))
+    for bad in ("0", "-5", "lots"):
+        monkeypatch.setenv(devices.BLOCK_ENV, bad)
+        with pytest.raises(UsageError, match=devices.BLOCK_ENV):
+            devices.block_elements(torch.device("cpu"))
