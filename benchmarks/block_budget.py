@@ -23,30 +23,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from robustbench_knn import devices  # noqa: E402
 from robustbench_knn.config import get_model_config  # noqa: E402
 from robustbench_knn.defenses.potential import attack_loss  # noqa: E402
-from robustbench_knn.evaluation.step_bench import breakdown_rows, step_breakdown  # noqa: E402
-from robustbench_knn.paper.classifier import KNNClassifier  # noqa: E402
-from robustbench_knn.paper.model import IdResNet  # noqa: E402
+from robustbench_knn.evaluation.step_bench import breakdown_rows, random_step_inputs, step_breakdown  # noqa: E402
 
 
 def outputs(dev: torch.device, batch: int) -> dict[str, torch.Tensor]:
-    """Loss and embedding gradient of the §2.5 attack loss and of soft-kNN CE, on seeded inputs."""
-    cfg = get_model_config("full")
-    torch.manual_seed(0)
-    net = IdResNet(cfg.model).to(dev).eval()
-    bank = torch.randn(50000, cfg.model.w_p, device=dev) * 3
-    labels = torch.randint(0, cfg.model.n_classes, (50000,), device=dev)
-    clf = KNNClassifier(net, bank, labels, cfg)
-    soft = clf.with_surrogate("softknn", m=50, temperature=1.0)
-    with torch.no_grad():
-        emb = net(torch.rand(batch, 3, 32, 32, device=dev))
-    y = torch.randint(0, cfg.model.n_classes, (batch,), device=dev)
+    """Loss and embedding gradient of the §2.5 attack loss and of soft-kNN CE, on the step bench's inputs."""
+    inp = random_step_inputs(get_model_config("full"), batch=batch, device=dev)
+    clf, y = inp.clf, inp.y
     out = {}
-    e = emb.clone().requires_grad_(True)
+    e = inp.emb.clone().requires_grad_(True)
     loss = attack_loss(e, y, clf.bank, clf.bank_labels, n_spaces=clf.n_spaces, lam=clf.lam, l0=clf.l0,
                        n_classes=clf.n_classes)
     out["potential loss"], out["potential grad"] = loss.detach(), torch.autograd.grad(loss.sum(), e)[0]
-    e = emb.clone().requires_grad_(True)
-    ce = F.cross_entropy(soft.surrogate(e), y, reduction="none")
+    e = inp.emb.clone().requires_grad_(True)
+    ce = F.cross_entropy(inp.soft.surrogate(e), y, reduction="none")
     out["soft-kNN CE"], out["soft-kNN grad"] = ce.detach(), torch.autograd.grad(ce.sum(), e)[0]
     return out
 

@@ -7,12 +7,14 @@ Random weights and inputs: the cost does not depend on them."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..config import ExperimentConfig
+from ..defenses.defense import KNNDefense
 from ..defenses.knn import knn_votes
 from ..defenses.potential import attack_loss
 from ..devices import resolve_device
@@ -28,24 +30,43 @@ def _grad_of(fn: Callable[[torch.Tensor], torch.Tensor], leaf: torch.Tensor) -> 
     return step
 
 
+@dataclass
+class StepInputs:
+    """A random FULL-shaped defense and one batch: what every part of an attack step is timed on."""
+    net: IdResNet
+    clf: KNNClassifier  # potential surrogate, aligned: kFGSM's and toolkits' view
+    soft: KNNDefense  # the default suite's soft-kNN surrogate over the same bank
+    x: torch.Tensor
+    y: torch.Tensor
+    emb: torch.Tensor
+
+
+def random_step_inputs(cfg: ExperimentConfig, *, batch: int, device: torch.device,
+                       n_bank: int = 50000) -> StepInputs:
+    """Seeded random weights, bank, labels, images and targets at FULL's shapes (the cost does not depend on
+    them), so that separate runs time the same work."""
+    torch.manual_seed(0)
+    net = IdResNet(cfg.model).to(device).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    bank = torch.randn(n_bank, cfg.model.w_p, device=device) * 3
+    labels = torch.randint(0, cfg.model.n_classes, (n_bank,), device=device)
+    clf = KNNClassifier(net, bank, labels, cfg)
+    soft = clf.with_surrogate("softknn", m=50, temperature=1.0)
+    x = torch.rand(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, cfg.model.n_classes, (batch,), device=device)
+    with torch.no_grad():
+        emb = net(x)
+    return StepInputs(net, clf, soft, x, y, emb)
+
+
 def step_breakdown(cfg: ExperimentConfig, *, batch: int, device: str = "auto", repeats: int = 2,
                    n_bank: int = 50000) -> dict[str, float]:
     """Seconds per image of each part of one attack step at ``batch`` images, and ratios to the network alone."""
     dev = resolve_device(device)
-    torch.manual_seed(0)
-    net = IdResNet(cfg.model).to(dev).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    width = cfg.model.w_p
-    bank = torch.randn(n_bank, width, device=dev) * 3
-    labels = torch.randint(0, cfg.model.n_classes, (n_bank,), device=dev)
-    clf = KNNClassifier(net, bank, labels, cfg)  # potential surrogate, aligned: kFGSM's and toolkits' view
+    inp = random_step_inputs(cfg, batch=batch, device=dev, n_bank=n_bank)
+    net, clf, soft, x, y, emb = inp.net, inp.clf, inp.soft, inp.x, inp.y, inp.emb
     bank, labels = clf.bank, clf.bank_labels  # the classifier's own copy: every part on one bank, as in an attack
-    soft = clf.with_surrogate("softknn", m=50, temperature=1.0)  # the default suite's surrogate
-    x = torch.rand(batch, 3, 32, 32, device=dev)
-    y = torch.randint(0, cfg.model.n_classes, (batch,), device=dev)
-    with torch.no_grad():
-        emb = net(x)
     g = torch.randn_like(emb)
     opts = dict(n_spaces=clf.n_spaces, lam=clf.lam, l0=clf.l0, n_classes=clf.n_classes)
     parts: dict[str, Callable[[], None]] = {
