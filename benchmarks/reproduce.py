@@ -12,6 +12,8 @@ one CUDA context per lane), most important first:
 - ``scale``: FULL on all 10,000 test images;
 - ``step-deep16``: one attack step part by part (``bench --steps``), deep k-NN's full audit at 16/255 on 500
   and then 1000 test images (the second reusing the first's cells), and ``bench``.
+- ``toolkits``: the whole cross-toolkit table on one FULL, one lane per slow attack, toolkit and surrogate
+  (joined afterwards with ``robustbench-knn toolkits --merge``).
 
 A step that would outrun the deadline is interrupted like Ctrl-C (the commands keep what they finished and
 render partial tables honestly; their cells are cached, so a second run resumes); a failing step is logged and
@@ -185,7 +187,39 @@ def step_deep16_plan(tiny: bool) -> tuple[None, dict[str, list[tuple[str, list[s
     ]}
 
 
-PLANS = {"regenerate": plan, "trust": trust_plan, "scale": scale_plan, "step-deep16": step_deep16_plan}
+def toolkits_plan(tiny: bool) -> tuple[None, dict[str, list[tuple[str, list[str]]]]]:
+    """The whole cross-toolkit table (every attack of ``TOOLKIT_ATTACKS``, toolkit and surrogate, both ε) on one
+    FULL and the first 500 test images, split into one lane per slow attack × toolkit × surrogate (ART's
+    AutoAttack at 8/255 also per ε) so that they run side by side; the lanes' first step trains FULL once (the
+    others wait on the model's lock and load it). Each lane writes its own table into
+    ``tables/toolkits/gpu-500/lanes/<lane>/``; ``robustbench-knn toolkits --merge`` joins them afterwards."""
+    t = TINY if tiny else []
+    n = ["--n-test", "20"] if tiny else ["--n-test", "500"]
+    ep = ["--epochs", "1"] if tiny else []
+
+    def part(lane: str, attacks: str, *extra: str) -> tuple[str, list[str]]:
+        return (f"toolkits-{lane}", ["toolkits", "--model", "full", "--quiet", *n, *ep, "--attacks", attacks, *extra,
+                                     "--out", f"tables/toolkits/gpu-500/lanes/{lane}", *t])
+
+    lanes: dict[str, list[tuple[str, list[str]]]] = {
+        "base": [part("base", "kfgsm,pgd,apgd,apgd-dlr")],
+        "apgd-t": [part("apgd-t", "apgd-t")],
+        "fab-t": [part("fab-t", "fab-t")],
+    }
+    for attack in ("square", "autoattack"):
+        for tk in ("ta", "aa", "art"):
+            for sur in ("potential", "softknn"):
+                lane, sel = f"{attack}-{tk}-{sur}", ["--toolkits", tk, "--surrogates", sur]
+                if attack == "autoattack" and tk == "art":  # ART's AutoAttack at 8/255 is the slowest cell by far
+                    lanes[lane] = [part(lane, attack, *sel, "--eps", "8/255")]
+                else:
+                    lanes[lane] = [part(lane, attack, *sel)]
+    lanes["autoattack-art-16"] = [part("autoattack-art-16", "autoattack", "--toolkits", "art", "--eps", "16/255")]
+    return None, lanes
+
+
+PLANS = {"regenerate": plan, "trust": trust_plan, "scale": scale_plan, "step-deep16": step_deep16_plan,
+         "toolkits": toolkits_plan}
 
 
 def machine() -> dict[str, str]:
@@ -262,7 +296,8 @@ def main() -> int:
     ap.add_argument("--plan", choices=tuple(PLANS), default="regenerate",
                     help="regenerate: recipe search, tables, audits; trust: default suites, audits with the active "
                          "test, subjects and AutoAttack standard; scale: FULL on the 10k test set; step-deep16: "
-                         "the attack step's parts, deep k-NN's audit at 16/255")
+                         "the attack step's parts, deep k-NN's audit at 16/255; toolkits: the whole "
+                         "cross-toolkit table, one lane per slow attack")
     ap.add_argument("--threads", type=int, default=4, help="CPU threads per lane")
     ap.add_argument("--lane", help=argparse.SUPPRESS)  # internal: run one lane (with --sets, --deadline-at)
     ap.add_argument("--sets", help=argparse.SUPPRESS)

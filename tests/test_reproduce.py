@@ -68,3 +68,31 @@ def test_recipe_sets_apply_the_best_variant(session, tmp_path):
     cfg = apply_overrides(get_model_config("full"), [s for s in sets if s != "--set"])
     assert (cfg.model.normalization, cfg.train.lr, cfg.loss.reg_reduction) == ("position", 1e-3, "mean")
     assert (cfg.train.schedule, cfg.train.warmup_frac) == ("cosine", 0.05)
+
+
+@pytest.mark.parametrize("tiny", [False, True])
+def test_toolkits_plan_covers_every_cell_of_the_table_once(session, tiny):
+    """The lanes split the whole cross-toolkit table: each (attack, toolkit, surrogate, ε) cell is run by exactly
+    one lane, and each lane writes its own folder for `toolkits --merge`."""
+    from robustbench_knn.cli.parser import parse_eps
+    from robustbench_knn.evaluation.toolkit_compare import plan_jobs, suite_specs
+
+    _, lanes = session.PLANS["toolkits"](tiny)
+    parser = build_parser()
+    runs: list[tuple] = []
+    outs = []
+    for lane in lanes.values():
+        (_, argv), = lane
+        args = parser.parse_args(argv)
+        assert args.command == "toolkits" and args.n_test == (20 if tiny else 500) and args.aligned
+        outs.append(args.out)
+        tks = set(args.toolkits.split(",")) if args.toolkits else None
+        for spec, sur in plan_jobs(suite_specs(args.attacks.split(",")), args.surrogates.split(",")):
+            if tks is None or spec.toolkit in tks:
+                runs += [(spec.key, sur if spec.toolkit != "native" else "objective", round(e, 8))
+                         for e in parse_eps(args.eps or "8/255,16/255")]
+    table = [(spec.key, sur if spec.toolkit != "native" else "objective", round(e, 8))
+             for spec, sur in plan_jobs(suite_specs(session.TOOLKIT_ATTACKS.split(",")), ["potential", "softknn"])
+             for e in (8 / 255, 16 / 255)]
+    assert sorted(runs) == sorted(table) and len(table) == 37 * 2
+    assert len(set(outs)) == len(outs)

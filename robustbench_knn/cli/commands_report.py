@@ -17,6 +17,20 @@ def _comma_list(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
+def _merge_toolkits(args: argparse.Namespace, names: list[str], norm: str) -> None:
+    from ..evaluation.evaluate import provenance
+    from ..evaluation.toolkit_compare import render_compare, save_compare
+    from ..evaluation.toolkit_merge import merge_compares, read_parts
+
+    parts = read_parts(_comma_list(args.merge), norm)
+    if Path(args.out).resolve() in {path.parent.resolve() for path, _ in parts}:
+        raise UsageError("--out is one of the --merge folders: the merged table would overwrite a part")
+    result = merge_compares(parts, names)
+    result["command"] = provenance("cpu")["command"]
+    save_compare(result, args.out)
+    print(render_compare(result))
+
+
 def cmd_toolkits(args: argparse.Namespace) -> None:
     from ..defenses.surrogate import SURROGATES
     from ..evaluation.toolkit_compare import chosen_toolkits, render_compare, rerender, run_compare, suite_specs
@@ -26,8 +40,13 @@ def cmd_toolkits(args: argparse.Namespace) -> None:
     suite_specs(names, norm)  # validates the names before any work
     toolkits = None if args.toolkits is None else _comma_list(args.toolkits)
     chosen_toolkits(toolkits)
+    if args.render_only and args.merge:
+        raise UsageError("--render-only and --merge: choose one")
     if args.render_only:
         print(render_compare(rerender(args.out, names, norm)))
+        return
+    if args.merge:
+        _merge_toolkits(args, names, norm)
         return
     surrogates = _comma_list(args.surrogates)
     bad = [s for s in surrogates if s not in SURROGATES]

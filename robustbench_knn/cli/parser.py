@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--out", default="tables/toolkits", help="folder for toolkits.{md,csv,json} (toolkits-L2.* for L2)")
     p.add_argument("--render-only", action="store_true", help="rebuild toolkits.{md,csv} from toolkits.json, no computing")
+    p.add_argument("--merge", metavar="DIR,DIR,...",
+                   help="one table in --out from the tables of these folders (parts of one table run with other "
+                        "--attacks, --toolkits, --surrogates or --eps on the same model and images), no computing")
     p.add_argument("--unaligned", dest="aligned", action="store_false",
                    help="the toolkits attack the raw surrogate logits (default: decision-aligned logits)")
 

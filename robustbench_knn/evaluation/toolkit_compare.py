@@ -197,6 +197,14 @@ def _shown(df: pd.DataFrame) -> pd.DataFrame:
     return shown
 
 
+def _wall_time(result: dict[str, Any]) -> str:
+    parts = result.get("merged_from")
+    if parts:  # parts run side by side, or resumed from cached cells, have no wall time in common: count the cells'
+        return (f"merged from {len(parts)} runs, whose cells took {sum(c['seconds'] for c in result['cells']):.0f} s "
+                "in all")
+    return f"total wall time {result.get('wall_seconds', 0):.0f} s"
+
+
 def render_compare(result: dict[str, Any]) -> str:
     df = compare_frame(result)
     clean = 100 * sum(result["clean_correct"]) / len(result["clean_correct"])
@@ -206,7 +214,7 @@ def render_compare(result: dict[str, Any]) -> str:
         "",
         f"{result['dataset']}, first {result['n_test']} test images (clean k-NN accuracy on them {clean:.2f}%), "
         f"{'l∞' if result.get('threat_model', 'Linf') == 'Linf' else 'l2'}, judged by the hard k-NN vote; only clean-correct points are attacked. Seed {result['seed']}, "
-        f"device {result['device']}, total wall time {result.get('wall_seconds', 0):.0f} s. Versions: "
+        f"device {result['device']}, {_wall_time(result)}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".",
         "Surrogate `objective` = the paper's attack loss (kFGSM follows it, whatever the toolkits' surrogate). "
         "`zero-grad` = fraction of attacked points whose guiding gradient is exactly zero or non-finite.",
