@@ -18,7 +18,7 @@ def _comma_list(text: str) -> list[str]:
 
 
 def _merge_toolkits(args: argparse.Namespace, names: list[str], norm: str) -> None:
-    from ..evaluation.evaluate import provenance
+    from ..evaluation.evaluate import command_line
     from ..evaluation.toolkit_compare import render_compare, save_compare
     from ..evaluation.toolkit_merge import merge_compares, read_parts
 
@@ -26,7 +26,7 @@ def _merge_toolkits(args: argparse.Namespace, names: list[str], norm: str) -> No
     if Path(args.out).resolve() in {path.parent.resolve() for path, _ in parts}:
         raise UsageError("--out is one of the --merge folders: the merged table would overwrite a part")
     result = merge_compares(parts, names)
-    result["command"] = provenance("cpu")["command"]
+    result["command"] = command_line()  # the parts' machines stay theirs (merged_from, machine)
     save_compare(result, args.out)
     print(render_compare(result))
 

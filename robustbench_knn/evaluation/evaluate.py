@@ -102,10 +102,14 @@ def versions() -> dict[str, str]:
 COMMAND: list[str] = []  # the CLI's own command line, set by ``cli.main`` (else the process's argv is recorded)
 
 
+def command_line() -> str:
+    """The command that makes a result: the CLI's own command line, else the process's."""
+    return " ".join(COMMAND or [Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
 def provenance(device: torch.device | str) -> dict[str, str]:
     """Where and how a result was made: the machine (GPU name, or CPU model and cores) and the command line."""
-    argv = COMMAND or [Path(sys.argv[0]).name, *sys.argv[1:]]
-    return {"machine": machine_name(device), "command": " ".join(argv)}
+    return {"machine": machine_name(device), "command": command_line()}
 
 
 def cell_seed(seed: int, eps: float, key: str) -> int:

@@ -58,16 +58,15 @@ def merge_compares(parts: list[tuple[Path, dict[str, Any]]], names: tuple[str, .
                                  f"from another part's result for the same cell")
     norm = first.get("threat_model", "Linf")
     planned = [_row_key(spec, sur) for spec, sur in plan_jobs(suite_specs(names, norm), surrogates)]
-    for row in (_row_key_of(c) for c in cells.values()):
-        if row not in planned:
-            planned.append(row)
-    # cells in planned order, then ε: the table reads as one run's, whatever order the parts finished in
-    order = {(p["attack"], p["toolkit"], p["surrogate"]): i for i, p in enumerate(planned)}
+    for cell in cells.values():
+        if _row_key_of(cell) not in planned:
+            planned.append(_row_key_of(cell))
     merged = {k: v for k, v in first.items() if k not in ("cells", "planned", "toolkits_run", "wall_seconds",
                                                             "command")}  # each part's wall time: merged_from
     merged.update({
         "eps": eps, "surrogates": surrogates, "planned": planned,
-        "cells": sorted(cells.values(), key=lambda c: (order[tuple(_row_key_of(c).values())], c["eps"])),
+        # in planned order, then ε: the table reads as one run's, whatever order the parts finished in
+        "cells": sorted(cells.values(), key=lambda c: (planned.index(_row_key_of(c)), c["eps"])),
         "merged_from": [{"folder": str(path.parent), "command": part.get("command"),
                          "wall_seconds": part.get("wall_seconds")} for path, part in parts],
         "devices": sorted({part["device"] for _, part in parts}),
