@@ -1,8 +1,9 @@
-"""The §2.5 potentials + gradient alone, fused (compiled) against eager, on FULL's shapes with random data: the first
-call in the process (which compiles, from the inductor cache when it is filled), later calls of each path, the
-attack loss (kFGSM's objective: one potential per point, its gradient made in the forward's pass) fused and eager,
-and the matmuls the blocks need (squared distances in the forward and again in the backward, each with its add of
-the norms; the gradient's Q·B) timed by themselves: the part no fusion of the element-wise chain removes.
+"""The §2.5 potentials + gradient alone on FULL's shapes with random data, by each path: the C kernel (``native``, the
+CPU's default), the compiled blocks (``fused``, ``ROBUSTBENCH_KNN_NATIVE=0``) and eager blocks
+(``ROBUSTBENCH_KNN_COMPILE=0``): the first call in the process (which compiles, from the inductor cache when it is
+filled), later calls of each path, the attack loss (kFGSM's objective: one potential per point, its gradient made in
+the forward's pass) by each path, and the matmuls the torch blocks need (squared distances in the forward and again
+in the backward, each with its add of the norms; the gradient's Q·B) timed by themselves.
 
     python benchmarks/fused_potentials.py [--batch 250 --bank 50000 --repeats 5 --threads 1]
 
@@ -18,7 +19,7 @@ import time
 
 import torch
 
-from robustbench_knn import distances
+from robustbench_knn import distances, native
 from robustbench_knn.defenses.potential import attack_loss, class_potentials
 from robustbench_knn.devices import COMPILE_ENV
 
@@ -57,19 +58,27 @@ def main() -> None:
         fn()
         return time.perf_counter() - t0
 
-    os.environ[COMPILE_ENV] = "1"
+    paths = {"native": ("1", "1"), "fused": ("1", "0"), "eager": ("0", "0")}  # (COMPILE_ENV, NATIVE_ENV)
+
+    def use(path: str) -> None:
+        os.environ[COMPILE_ENV], os.environ[native.NATIVE_ENV] = paths[path]
+
+    use("fused")
     first = seconds(potentials)
     seconds(loss)  # its own kernel compiles too
+    use("native")
+    first_native = seconds(potentials)
     best: dict[str, float] = {}
     for _ in range(args.repeats):  # interleaved, so a change in the host's speed hits every path alike
         for name, fn in (("potentials", potentials), ("attack loss", loss)):
-            for path, flag in (("fused", "1"), ("eager", "0")):
-                os.environ[COMPILE_ENV] = flag
+            for path in paths:
+                use(path)
                 best[f"{name}, {path}"] = min(best.get(f"{name}, {path}", float("inf")), seconds(fn))
         best["matmuls"] = min(best.get("matmuls", float("inf")), seconds(matmuls))
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}; "
           f"batch {args.batch}, bank {args.bank} x 30, 2 sub-spaces, block width {blocks.width}")
-    print(f"first call (compiles): {first:.2f} s")
+    print(f"first call of the compiled blocks (compiles): {first:.2f} s; of the C kernel (compiles unless the "
+          f"cache holds it): {first_native:.2f} s")
     for name, t in best.items():
         print(f"{name}: {t:.3f} s (best of {args.repeats})")
 

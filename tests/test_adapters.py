@@ -90,3 +90,21 @@ def test_torchattacks_autoattack_uses_the_published_standard_settings(tiny_clf):
     assert [a.steps for a in atk.attacks[:3]] == [100, 100, 100]
     assert atk.attacks[0].loss == "ce" and atk.attacks[2].multi_targeted and atk.attacks[3].n_queries == 5000
     assert all(a.eps == 8 / 255 for a in atk.attacks)
+
+
+def test_art_points_with_non_finite_values_keep_their_clean_image(tiny_clf):
+    """ART's ℓ2 Square can divide by a zero window norm and return NaN for a point; such a point is not broken."""
+    from robustbench_knn.adapters import art_adapter
+
+    class NaNOnSecond:
+        def generate(self, x, y):
+            out = x.copy() + 0.01
+            out[1, 0, 0, 0] = float("nan")
+            return out
+
+    atk = art_adapter.ARTAttack(tiny_clf, 0.5, build=lambda *a, **k: NaNOnSecond(), seed=0)
+    x, y = torch.rand(3, 3, 32, 32), torch.zeros(3, dtype=torch.long)
+    with pytest.warns(RuntimeWarning, match="1 of 3 points"):
+        x_adv = atk(x, y)
+    assert torch.equal(x_adv[1], x[1]) and torch.isfinite(x_adv).all()
+    torch.testing.assert_close(x_adv[[0, 2]], x[[0, 2]] + 0.01)

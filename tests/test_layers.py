@@ -11,7 +11,7 @@ import robustbench_knn
 
 PACKAGE = Path(robustbench_knn.__file__).parent
 LAYERS = {  # lowest first
-    "config": 0, "store": 0, "data": 0, "devices": 0, "distances": 0, "norms": 0, "memo": 0,
+    "config": 0, "store": 0, "data": 0, "devices": 0, "distances": 0, "norms": 0, "memo": 0, "native": 0,
     "defenses": 1,
     "attacks": 2, "adapters": 2,
     "paper": 3,

@@ -6,6 +6,7 @@ points ART asks about again from a memo: the same attack at AutoAttack's cost pe
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -37,8 +38,19 @@ class ARTAttack(Attack):
         model = self.model if self.gradient_source else QueryCache(self.model, capacity=max(4096, 4 * len(x)))
         atk = self.build(art_estimator(model), self.eps, len(x), np.inf if self.norm == "Linf" else 2,
                          **self.params)
-        x_adv = atk.generate(x=x.detach().cpu().numpy(), y=y.detach().cpu().numpy())
-        return torch.from_numpy(x_adv).to(x.device, x.dtype)
+        x_adv = torch.from_numpy(atk.generate(x=x.detach().cpu().numpy(), y=y.detach().cpu().numpy()))
+        return _finite_or_clean(x_adv.to(x.device, x.dtype), x)
+
+
+def _finite_or_clean(x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The clean image for every point where ART returned a non-finite value: its ℓ2 Square divides by a window's
+    norm, which can be 0 (NaN), and such a point was not broken. Said, since it weakens the attack on that point."""
+    bad = ~torch.isfinite(x_adv.flatten(1)).all(1)
+    if bad.any():
+        warnings.warn(f"ART returned non-finite values for {int(bad.sum())} of {len(x)} points; those points keep "
+                      f"their clean image", RuntimeWarning, stacklevel=3)
+        x_adv = torch.where(bad.view(-1, *[1] * (x.dim() - 1)), x, x_adv)
+    return x_adv
 
 
 def _register(name: str, defaults: dict[str, Any], description: str, build: Callable[..., Any],

@@ -4,7 +4,8 @@ can use it: the ``potential`` surrogate's logits and the per-sample objective kF
 
 Against a fixed bank (every attack) the potentials and their gradient are computed block by block over the bank
 (:class:`_BlockedPotentials`, on :class:`distances.BankBlocks`): as whole N × M tensors this chain and its backward
-cost three times the network it sits on (``robustbench-knn bench --steps``). Each block's element-wise chain is one
+cost three times the network it sits on (``robustbench-knn bench --steps``). On the CPU in float32 the whole pass is
+one C kernel (:mod:`native`: no rows × columns tensor at all); elsewhere each block's element-wise chain is one
 compiled kernel where a compiler is at hand (:class:`devices.FusedKernel`), else the same arithmetic eagerly.
 The attack loss (one potential per point, the objective kFGSM ascends) makes its gradient in the same pass as its
 value (:class:`_BlockedAttackLoss`), so an attack step walks the bank once.
@@ -19,6 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .. import native
 from ..devices import FusedKernel
 from ..distances import BankBlocks, grouped_bank, pairwise_distance
 
@@ -178,12 +180,35 @@ def _class_sums(emb: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, n_s
                 step(blocks, c, s, t, lam, c0, *sums, *extra)
 
     blocks = _over_blocks(kernel, fused, eager, lambda: BankBlocks(emb, bank, n_spaces, terms), run)
-    per_class, same = sums[0].t(), sums[1].t()
+    return _potentials_from_sums(sums[0].t(), sums[1].t(), segments, len(bank), c0, n_classes), blocks
+
+
+def _class_sizes(segments: list[tuple[int, int, int]], n_classes: int) -> list[int]:
     sizes = [0] * n_classes
     for c, start, stop in segments:
         sizes[c] = stop - start
-    total = per_class.sum(1, keepdim=True)
-    return same + (total - per_class - (len(bank) - emb.new_tensor(sizes)) * c0) / n_classes, blocks
+    return sizes
+
+
+def _potentials_from_sums(per_class: torch.Tensor, same: torch.Tensor, segments: list[tuple[int, int, int]],
+                          n_bank: int, c0: float, n_classes: int) -> torch.Tensor:
+    """L_c from the per-class sums (N, K) of E and of relu(c0 − E)."""
+    sizes = per_class.new_tensor(_class_sizes(segments, n_classes))
+    return same + (per_class.sum(1, keepdim=True) - per_class - (n_bank - sizes) * c0) / n_classes
+
+
+def _native_sums(emb: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, n_spaces: int, lam: float, l0: float,
+                 n_classes: int, coefficients: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The potentials (N, K) and, with ``coefficients`` (near, far), the gradient they back-propagate into emb, by
+    the C kernel (:func:`native.potential_sums`) over the class-ordered bank."""
+    c0 = math.exp(-lam * l0)
+    (norms_b, sb_t, _), segments, _ = grouped_bank(bank, labels, n_spaces, n_classes)
+    seg = torch.tensor([0, *_class_sizes(segments, n_classes)]).cumsum(0)
+    out = native.potential_sums(emb, sb_t.reshape(-1, sb_t.shape[2]), norms_b.reshape(n_spaces, -1), seg, n_spaces,
+                                lam, c0, coefficients)
+    pots = _potentials_from_sums(out[0], out[1], segments, len(bank), c0, n_classes)
+    return pots, (out[2] if coefficients is not None else None)
 
 
 class _BlockedPotentials(torch.autograd.Function):
@@ -197,8 +222,11 @@ class _BlockedPotentials(torch.autograd.Function):
     @staticmethod
     def forward(ctx, emb: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, n_spaces: int, lam: float,
                 l0: float, n_classes: int) -> torch.Tensor:  # type: ignore[override]
-        pots, _ = _class_sums(emb, bank, labels, n_spaces, lam, l0, n_classes, FUSED_POTENTIALS, _sums_fused,
-                              _sums_eager)
+        if native.usable(emb, n_spaces):
+            pots, _ = _native_sums(emb, bank, labels, n_spaces, lam, l0, n_classes)
+        else:
+            pots, _ = _class_sums(emb, bank, labels, n_spaces, lam, l0, n_classes, FUSED_POTENTIALS, _sums_fused,
+                                  _sums_eager)
         ctx.save_for_backward(emb)
         ctx.bank = (bank, labels)  # fixed, no gradient: kept as is, so the kept class order is found again
         ctx.consts = (n_spaces, lam, l0, n_classes)
@@ -209,9 +237,11 @@ class _BlockedPotentials(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (emb,), (bank, labels) = ctx.saved_tensors, ctx.bank
         n_spaces, lam, l0, n_classes = ctx.consts
+        near, far = _coefficients(grad, lam, n_classes)
+        if native.usable(emb, n_spaces):
+            return _native_sums(emb, bank, labels, n_spaces, lam, l0, n_classes, (near, far))[1], *[None] * 6
         c0 = math.exp(-lam * l0)
         terms, segments, _ = grouped_bank(bank, labels, n_spaces, n_classes)
-        near, far = _coefficients(grad, lam, n_classes)
 
         def run(blocks: BankBlocks, step: Step) -> None:
             for c, start, stop in segments:
@@ -234,9 +264,13 @@ class _BlockedAttackLoss(torch.autograd.Function):
     def forward(ctx, emb: torch.Tensor, y: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, n_spaces: int,
                 lam: float, l0: float, n_classes: int) -> torch.Tensor:  # type: ignore[override]
         coefficients = _coefficients(F.one_hot(y, n_classes).to(emb.dtype), lam, n_classes)
-        pots, blocks = _class_sums(emb, bank, labels, n_spaces, lam, l0, n_classes, FUSED_POTENTIALS_AND_Q,
-                                   _sums_and_backprop_fused, _sums_and_backprop_eager, coefficients)
-        ctx.save_for_backward(blocks.grad())
+        if native.usable(emb, n_spaces):
+            pots, jacobian = _native_sums(emb, bank, labels, n_spaces, lam, l0, n_classes, coefficients)
+        else:
+            pots, blocks = _class_sums(emb, bank, labels, n_spaces, lam, l0, n_classes, FUSED_POTENTIALS_AND_Q,
+                                       _sums_and_backprop_fused, _sums_and_backprop_eager, coefficients)
+            jacobian = blocks.grad()
+        ctx.save_for_backward(jacobian)
         return pots.gather(1, y.view(-1, 1)).squeeze(1)
 
     @staticmethod
