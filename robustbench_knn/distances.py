@@ -210,7 +210,8 @@ def pairwise_distance(a: torch.Tensor, b: torch.Tensor, n_spaces: int, *,
 
     Uses ‖a‖² + ‖b‖² − 2a·b (matmul speed); clamped at 0 against rounding. Three paths with the same values:
     no gradient (the k-NN vote): in place, reusing the buffers in ``workspace`` (a list the caller keeps
-    between chunks; filled on first use), the bank's layout kept by :func:`fixed_bank_terms`; gradient for ``a`` only (attacks against a fixed bank): a
+    between chunks and calls; filled on first use, refilled for another bank size), the bank's layout kept by
+    :func:`fixed_bank_terms`; gradient for ``a`` only (attacks against a fixed bank): a
     written-out backward; gradient for ``b`` too (training): plain autograd with a guarded square root.
     """
     grad_a = torch.is_grad_enabled() and a.requires_grad
@@ -225,9 +226,11 @@ def pairwise_distance(a: torch.Tensor, b: torch.Tensor, n_spaces: int, *,
     sa, bank = split_spaces(a, n_spaces), fixed_bank_terms(b, n_spaces)  # the bank's layout: kept, not redone
     if workspace is None:  # e.g. a query-only attack's forward
         return _space_distances(sa, None, bank=bank).sum(0)
-    if not workspace or workspace[0].shape[1] < len(a) or workspace[2] is not b:
+    buf = workspace[0] if workspace else None
+    if (buf is None or buf.shape[0] != n_spaces or buf.shape[1] < len(a) or buf.shape[2] != len(b)
+            or buf.dtype != a.dtype or buf.device != a.device):  # the buffers depend on the bank's size only
         workspace[:] = [torch.empty((n_spaces, len(a), len(b)), dtype=a.dtype, device=a.device),
-                        torch.empty((len(a), len(b)), dtype=a.dtype, device=a.device), b]
+                        torch.empty((len(a), len(b)), dtype=a.dtype, device=a.device)]
     r = _space_distances(sa, None, workspace[0], bank)
     out = torch.add(r[0], r[1], out=workspace[1][:len(a)]) if n_spaces > 1 else workspace[1][:len(a)].copy_(r[0])
     for j in range(2, n_spaces):  # in order, as sum(0) adds them

@@ -1,6 +1,7 @@
-"""The §2.5 potentials' one-pass CPU kernel (``native_potentials.c``): compiled by the machine's C compiler on first
-use into the cache (``ROBUSTBENCH_KNN_CACHE``), loaded with ctypes, and run on row ranges in threads (ctypes lets
-go of the GIL during the call). Where there is no compiler, or ``ROBUSTBENCH_KNN_COMPILE=0`` (nothing compiled at
+"""The CPU kernels in C: the §2.5 potentials in one pass (``native_potentials.c``) and the vote's candidate selection
+(``native_select.c``), compiled together by the machine's C compiler on first use into the cache
+(``ROBUSTBENCH_KNN_CACHE``), loaded with ctypes, and run on row ranges in threads (ctypes lets go of the GIL during
+the call). Where there is no compiler, or ``ROBUSTBENCH_KNN_COMPILE=0`` (nothing compiled at
 all) or ``ROBUSTBENCH_KNN_NATIVE=0`` (this kernel only), :func:`usable` is False and the callers run their torch code,
 which computes the same values up to float32 rounding."""
 
@@ -31,11 +32,14 @@ NATIVE_ENV = "ROBUSTBENCH_KNN_NATIVE"  # "0": never this kernel; the torch path 
 _MATH = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros"]
 FLAGS = ([*_MATH, "-march=native", "-mprefer-vector-width=512"], [*_MATH, "-march=native"], _MATH)
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-_ARGTYPES = [_I, _I, _I, _P, _I, _P, _P, _P, _I, _I, _P, _F, _F, _P, _P, _P, _P, _P, _P]
+_ARGTYPES = {"potential_sums": [_I, _I, _I, _P, _I, _P, _P, _P, _I, _I, _P, _F, _F, _P, _P, _P, _P, _P, _P],
+             "smallest_candidates": [_P, _I, _I, _I, _I, _P, _P]}
+SOURCES = ("native_potentials.c", "native_select.c")
 
 
 def source() -> str:
-    return resources.files("robustbench_knn").joinpath("native_potentials.c").read_text()
+    """The C files as one translation unit."""
+    return "\n".join(resources.files("robustbench_knn").joinpath(name).read_text() for name in SOURCES)
 
 
 def compiler() -> str | None:
@@ -53,12 +57,12 @@ def build(src: str, out_dir: Path) -> Path:
     errors = []
     for flags in FLAGS:
         digest = hashlib.sha256("\0".join([src, cc, machine_name("cpu"), *flags]).encode()).hexdigest()[:16]
-        lib = out_dir / f"potentials-{digest}.so"
+        lib = out_dir / f"kernels-{digest}.so"
         if lib.exists():
             return lib
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-            c_file, so = Path(tmp) / "potentials.c", Path(tmp) / "potentials.so"
+            c_file, so = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
             c_file.write_text(src)
             run = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(so), str(c_file)],
                                  capture_output=True, text=True)
@@ -71,8 +75,9 @@ def build(src: str, out_dir: Path) -> Path:
 
 def load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    lib.potential_sums.argtypes = _ARGTYPES
-    lib.potential_sums.restype = ctypes.c_int
+    for name, argtypes in _ARGTYPES.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = ctypes.c_int
     return lib
 
 
@@ -93,7 +98,7 @@ class _Kernel:
                     self.lib = load(build(source(), cache_root() / "native"))
                 except (OSError, RuntimeError) as err:
                     self.failed = str(err)
-                    warnings.warn(f"native potentials kernel unavailable ({self.failed}); running torch code "
+                    warnings.warn(f"native kernels unavailable ({self.failed}); running torch code "
                                   f"instead (set {COMPILE_ENV}=0 to skip compiling)", RuntimeWarning, stacklevel=3)
             return self.lib
 
@@ -109,13 +114,29 @@ class _Kernel:
 KERNEL = _Kernel()
 
 
+def _allowed() -> bool:
+    return (os.environ.get(COMPILE_ENV, "1") != "0" and os.environ.get(NATIVE_ENV, "1") != "0"
+            and KERNEL.get() is not None)
+
+
+def _row_ranges(n: int, min_rows: int) -> list[tuple[int, int]]:
+    """Rows split between threads (as many as torch uses), none with fewer than ``min_rows`` rows."""
+    threads = max(1, min(torch.get_num_threads(), n // min_rows))
+    bounds = [n * i // threads for i in range(threads + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(threads)]
+
+
+def _on_threads(run, ranges: list[tuple[int, int]]) -> list[int]:  # noqa: ANN001 - run(rows) -> status
+    if len(ranges) > 1:
+        return list(KERNEL.workers(len(ranges)).map(run, ranges))
+    return [run(ranges[0])] if ranges[0][1] > ranges[0][0] else []
+
+
 def usable(emb: torch.Tensor, n_spaces: int) -> bool:
     """Whether the kernel takes this batch: float32 on the CPU, at most 16 sub-spaces and 128 dimensions (wider
     embeddings are matmul-bound: the BLAS path is the faster one there), the kernel allowed, compiled and loaded."""
     return (emb.device.type == "cpu" and emb.dtype == torch.float32 and 1 <= n_spaces <= MAX_SPACES
-            and 0 < emb.shape[1] <= MAX_WIDTH and emb.shape[1] % n_spaces == 0
-            and os.environ.get(COMPILE_ENV, "1") != "0" and os.environ.get(NATIVE_ENV, "1") != "0"
-            and KERNEL.get() is not None)
+            and 0 < emb.shape[1] <= MAX_WIDTH and emb.shape[1] % n_spaces == 0 and _allowed())
 
 
 def potential_sums(emb: torch.Tensor, bank_t: torch.Tensor, bank_sq: torch.Tensor, seg: torch.Tensor, n_spaces: int,
@@ -147,10 +168,7 @@ def potential_sums(emb: torch.Tensor, bank_t: torch.Tensor, bank_sq: torch.Tenso
                                   lam, c0, ptr(near, u0), ptr(far, u0), ptr(e_sum, u0), ptr(below, u0),
                                   ptr(q_rows, u0), ptr(qb, u0))
 
-    threads = max(1, min(torch.get_num_threads(), n // 4))  # 4 rows share the bank's loads: no thread below that
-    bounds = [n * i // threads for i in range(threads + 1)]
-    ranges = [(bounds[i], bounds[i + 1]) for i in range(threads)]
-    status = list(KERNEL.workers(threads).map(run, ranges)) if threads > 1 else [run(ranges[0])] if n else []
+    status = _on_threads(run, _row_ranges(n, 4))  # 4 rows share the bank's loads: no thread with fewer
     if any(status):
         raise RuntimeError(f"native_potentials.c: potential_sums returned {status}")
     if q_rows is None:
@@ -158,3 +176,26 @@ def potential_sums(emb: torch.Tensor, bank_t: torch.Tensor, bank_sq: torch.Tenso
     sa = a.view(n, n_spaces, -1)
     grad = q_rows.unsqueeze(-1) * sa - qb.view(n, n_spaces, -1)
     return e_sum, below, grad.reshape(n, width)
+
+
+def smallest_candidates(dist: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For each row of ``dist`` (float32, (rows, M)): the indices of its ``c`` smallest values in no particular order
+    (rows, c) and the largest of those values (rows,): every value left out is ≥ it. None where the kernel does not
+    apply (not float32 on the CPU, not allowed or not built) or a row holds NaN: the caller selects by itself."""
+    if not (dist.device.type == "cpu" and dist.dtype == torch.float32 and dist.dim() == 2 and 1 <= c <= dist.shape[1]
+            and _allowed()):
+        return None
+    d = dist if dist.stride(1) == 1 else dist.contiguous()
+    rows, m = d.shape
+    idx = torch.empty(rows, c, dtype=torch.int64)
+    kth = torch.empty(rows, dtype=torch.float32)
+
+    def run(part: tuple[int, int]) -> int:
+        u0, u1 = part
+        return KERNEL.lib.smallest_candidates(d.data_ptr() + u0 * d.stride(0) * 4, u1 - u0, m, d.stride(0), c,
+                                              idx.data_ptr() + u0 * c * 8, kth.data_ptr() + u0 * 4)
+
+    status = _on_threads(run, _row_ranges(rows, 1))
+    if -2 in status:
+        raise MemoryError("native_select.c: smallest_candidates could not allocate its buffers")
+    return None if any(status) else (idx, kth)

@@ -181,7 +181,7 @@ def test_one_failing_rank_stops_the_job_with_its_error(trained_cache, tiny_data_
 
 def test_benchmark_in_a_script_started_by_torchrun_splits_and_equals_one_process(tiny_data_dir, tmp_path):
     (tmp_path / "script.py").write_text(textwrap.dedent(f'''
-        import json, sys, torch
+        import json, os, sys, torch
         from torch import nn
         from robustbench_knn import KNNDefense, benchmark
         from robustbench_knn.data import load_cifar10
@@ -192,16 +192,19 @@ def test_benchmark_in_a_script_started_by_torchrun_splits_and_equals_one_process
         res = benchmark(defense, n_examples=60, eps=8/255, attacks="kfgsm,ta:pgd", device="cpu", batch_size=8,
                         data_dir={str(tiny_data_dir)!r},
                         progress=False, out=sys.argv[1])
-        print(json.dumps({{"processes": res.raw["processes"], "robust": res.per_sample().to_dict("list")}}))
+        # one file per rank: two ranks printing long lines into one pipe can interleave them
+        with open(sys.argv[2] + "-rank" + os.environ.get("RANK", "0") + ".json", "w") as f:
+            json.dump({{"processes": res.raw["processes"], "robust": res.per_sample().to_dict("list")}}, f)
     '''))
     runs = {}
     for ranks in (0, 2):
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"] if ranks \
             else [sys.executable]
-        proc = subprocess.run([*launcher, str(tmp_path / "script.py"), str(tmp_path / f"out{ranks}")],
-                              env=_env(tmp_path / "c"), capture_output=True, text=True, timeout=600)
+        proc = subprocess.run([*launcher, str(tmp_path / "script.py"), str(tmp_path / f"out{ranks}"),
+                               str(tmp_path / f"res{ranks}")], env=_env(tmp_path / "c"), capture_output=True,
+                              text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[ranks] = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        runs[ranks] = [json.loads(f.read_text()) for f in sorted(tmp_path.glob(f"res{ranks}-rank*.json"))]
     assert [r["processes"] for r in runs[2]] == [2, 2] and runs[0][0]["processes"] == 1
     assert runs[2][0]["robust"] == runs[2][1]["robust"] == runs[0][0]["robust"]
     assert 0 < sum(runs[0][0]["robust"]["robust worst case"]) < 60  # mixed outcomes: a real check

@@ -281,3 +281,23 @@ def test_decision_is_exact_with_a_spread_norm_bank(k):
         got = torch.cat([knn_predict(emb[i:i + batch], bank, labels, k=k, n_spaces=2, n_classes=5)
                          for i in range(0, len(emb), batch)])
         assert torch.equal(got, want), batch
+
+
+def test_the_scan_buffers_kept_between_votes_follow_the_bank():
+    """The float32 scan's buffers outlive a vote on the CPU; a vote against a bank of another size, another
+    sub-space count or another batch size gets buffers of its own shape, and the same votes as in a fresh process
+    (planted bug caught: reusing buffers sized for another bank)."""
+    import robustbench_knn.defenses.knn as knn
+
+    g = torch.Generator().manual_seed(21)
+    banks = [(torch.randn(m, 6, generator=g) * 3, torch.randint(0, 4, (m,), generator=g)) for m in (900, 400, 1300)]
+    emb = torch.randn(30, 6, generator=g) * 3
+    calls = [(b, lab, s, n) for b, lab in banks for s in (1, 2) for n in (30, 7)]
+    first = []
+    for bank, labels, spaces, n in calls:
+        knn._SCAN.buffers = []  # as in a fresh process
+        first.append(knn_votes(emb[:n], bank, labels, k=25, n_spaces=spaces, n_classes=4))
+    for (bank, labels, spaces, n), want in zip(reversed(calls), reversed(first)):  # buffers kept from call to call
+        got = knn_votes(emb[:n], bank, labels, k=25, n_spaces=spaces, n_classes=4)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert knn._SCAN.buffers  # kept

@@ -135,23 +135,98 @@ def test_the_library_is_built_once_per_source(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
 
 
-PLANTED = {  # a bug in the C source → what it breaks
-    "the last partial vector of columns is dropped": ("const int64_t mv = (m + VEC - 1) / VEC * VEC;",
-                                                      "const int64_t mv = m / VEC * VEC;"),
-    "the batch's last rows (fewer than four) are dropped": ("for (int64_t u0 = 0; u0 < n_rows; u0 += ROWS)",
-                                                            "for (int64_t u0 = 0; u0 + ROWS <= n_rows; u0 += ROWS)"),
-    "a class's second block is skipped": ("s0 += BLOCK)", "s0 += 2 * BLOCK)"),
-    "no guard at distance 0": ("q[v] = q[v] > 0.0f ? g[v] / q[v] : 0.0f;", "q[v] = g[v] / q[v];"),
-    "the gradient's Σ Q b misses its remainder dimensions": ("for (; i0 < d; i0++) {", "for (; i0 < 0; i0++) {"),
+def _check_candidates(dist, c):
+    """The contract of native.smallest_candidates: c distinct indices, their values the c smallest (as a multiset),
+    every value left out ≥ the returned c-th value, which is the row's c-th smallest."""
+    idx, kth = native.smallest_candidates(dist, c)
+    assert idx.shape == (len(dist), c) and kth.shape == (len(dist),)
+    for r in range(len(dist)):
+        row, sel = dist[r], idx[r]
+        assert len(set(sel.tolist())) == c
+        smallest = torch.sort(row).values[:c]
+        assert torch.equal(torch.sort(row[sel]).values, smallest)
+        assert kth[r] == smallest[-1]
+        rest = torch.ones(len(row), dtype=torch.bool)
+        rest[sel] = False
+        assert bool((row[rest] >= kth[r]).all())
+
+
+def test_candidate_selection_keeps_its_contract():
+    g = torch.Generator().manual_seed(8)
+    m = 5000
+    rows = [torch.rand(m, generator=g) * 10,  # distinct values
+            torch.randint(0, 20, (m,), generator=g).float(),  # many ties at the c-th value
+            torch.full((m,), 3.0),  # all equal
+            torch.where(torch.arange(m) % 16 == 0, torch.rand(m, generator=g), 5 + torch.rand(m, generator=g)),
+            # ↑ the sample (every 16th value) holds the row's smallest: its thresholds fall short until raised
+            torch.cat([torch.rand(50, generator=g), torch.full((m - 50,), float("inf"))]),  # fewer finite than c
+            ]
+    dist = torch.stack(rows)
+    for c in (1, 100, 333, m):
+        _check_candidates(dist, c)
+    _check_candidates(dist[:, ::2], 100)  # a strided view
+    _check_candidates(dist.t().contiguous().t()[:3], 10)  # columns not contiguous: copied first
+
+
+def test_candidate_selection_leaves_nan_rows_and_other_tensors_to_the_caller(monkeypatch):
+    dist = torch.rand(3, 100)
+    dist[1, 5] = float("nan")
+    assert native.smallest_candidates(dist, 10) is None
+    assert native.smallest_candidates(torch.rand(3, 100, dtype=torch.float64), 10) is None
+    monkeypatch.setenv(native.NATIVE_ENV, "0")
+    assert native.smallest_candidates(torch.rand(3, 100), 10) is None
+
+
+def test_the_vote_is_the_same_with_either_selection(monkeypatch):
+    """The exact rule decides in float64 from the candidates, so the selection may not change a vote or a sum;
+    integer coordinates make many distances equal, ties at the candidates' edge included."""
+    from robustbench_knn.defenses.knn import knn_votes
+
+    g = torch.Generator().manual_seed(12)
+    bank = torch.randint(-3, 4, (4000, 6), generator=g).float()
+    labels = torch.randint(0, 5, (4000,), generator=g)
+    emb = torch.randint(-3, 4, (70, 6), generator=g).float()
+    got = knn_votes(emb, bank, labels, k=300, n_spaces=2, n_classes=5)
+    monkeypatch.setenv(native.NATIVE_ENV, "0")
+    want = knn_votes(emb, bank, labels, k=300, n_spaces=2, n_classes=5)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def _potentials_checks(monkeypatch):
+    test_native_kernel_matches_the_whole_matrix_formula(2, 14, 3.0, monkeypatch)  # 7 dimensions: a remainder
+    test_zero_distances_and_underflow()
+
+
+def _selection_checks(monkeypatch):
+    test_candidate_selection_keeps_its_contract()
+
+
+PLANTED = {  # a bug planted in the C sources: (what it replaces, by what, the checks that must catch it)
+    "the last partial vector of columns is dropped": (
+        "const int64_t mv = (m + VEC - 1) / VEC * VEC;", "const int64_t mv = m / VEC * VEC;", _potentials_checks),
+    "the batch's last rows (fewer than four) are dropped": (
+        "for (int64_t u0 = 0; u0 < n_rows; u0 += ROWS)", "for (int64_t u0 = 0; u0 + ROWS <= n_rows; u0 += ROWS)",
+        _potentials_checks),
+    "a class's second block is skipped": ("s0 += BLOCK)", "s0 += 2 * BLOCK)", _potentials_checks),
+    "no guard at distance 0": ("q[v] = q[v] > 0.0f ? g[v] / q[v] : 0.0f;", "q[v] = g[v] / q[v];",
+                               _potentials_checks),
+    "the gradient's Σ Q b misses its remainder dimensions": ("for (; i0 < d; i0++) {", "for (; i0 < 0; i0++) {",
+                                                             _potentials_checks),
+    "no whole-row fallback in the selection": ("if (n < c) {  /* the whole row */", "if (0) {  /* the whole row */",
+                                               _selection_checks),
+    "the c-th value is the smallest selected, not the largest": (
+        "top = vals[i] > top ? vals[i] : top;", "top = vals[i] < top ? vals[i] : top;", _selection_checks),
+    "quickselect recurses into the wrong side": ("if (k - 1 <= j) hi = j;", "if (k - 1 <= i) hi = j;",
+                                                 _selection_checks),
+    "a swap leaves the indices behind": ("    ix[a] = ix[b];\n", "", _selection_checks),
 }
 
 
 @pytest.mark.parametrize("bug", sorted(PLANTED))
-def test_the_comparisons_catch_a_planted_bug(bug, tmp_path, monkeypatch):
-    old, new = PLANTED[bug]
+def test_the_checks_catch_a_planted_bug(bug, tmp_path, monkeypatch):
+    old, new, checks = PLANTED[bug]
     src = native.source()
     assert src.count(old) == 1, f"the planted bug's anchor moved: {old!r}"
     monkeypatch.setattr(native.KERNEL, "lib", native.load(native.build(src.replace(old, new), tmp_path)))
     with pytest.raises(AssertionError):
-        test_native_kernel_matches_the_whole_matrix_formula(2, 14, 3.0, monkeypatch)
-        test_zero_distances_and_underflow()
+        checks(monkeypatch)

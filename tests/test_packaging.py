@@ -15,6 +15,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 import robustbench_knn
+from robustbench_knn import native
 from robustbench_knn.cli import main
 from robustbench_knn.reports import tables
 
@@ -71,7 +72,7 @@ def test_packaged_baselines_equal_the_readable_copy():
 
 def test_wheel_ships_the_baselines(tmp_path):
     """A wheel (what `pip install robustbench-knn` gets) carries paper.json, equal to baselines/paper.json, and the
-    C kernel's source."""
+    C kernels' sources."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -87,8 +88,8 @@ def test_wheel_ships_the_baselines(tmp_path):
     assert len(wheels) == 1, wheels
     with zipfile.ZipFile(wheels[0]) as zf:
         assert zf.read(PACKAGED) == PAPER.read_bytes()
-        # the C kernel's source, which native.py compiles on the user's machine
-        assert zf.read("robustbench_knn/native_potentials.c") == (REPO / "robustbench_knn" / "native_potentials.c").read_bytes()
+        for name in native.SOURCES:  # the C kernels' sources, which native.py compiles on the user's machine
+            assert zf.read(f"robustbench_knn/{name}") == (REPO / "robustbench_knn" / name).read_bytes()
         entry_points = next(n for n in zf.namelist() if n.endswith(".dist-info/entry_points.txt"))
         assert "robustbench-knn = robustbench_knn.cli:main" in zf.read(entry_points).decode()
 

@@ -21,11 +21,13 @@ superset of each row's true neighbours from a thin copy of the bank, and the sam
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .. import native
 from ..distances import pairwise_distance
 from ..memo import TensorMemo
 from .exact import (
@@ -92,20 +94,26 @@ def _refine(emb: torch.Tensor, bank: torch.Tensor, dist: torch.Tensor, n_spaces:
     candidates proposed by its float32 distances ``dist``: their indices and float64 distances."""
     rows, n = dist.shape
     c = min(n, k_max + max(16, k_max // 4))
-    vals, idx = torch.topk(dist, c, dim=1, largest=False, sorted=True)
+    # the c smallest in any order (exact_order orders them itself) and the largest of them; by the C kernel on the
+    # CPU (a third of the vote's time went to topk), else topk
+    picked = native.smallest_candidates(dist, c)
+    if picked is None:
+        vals, idx = torch.topk(dist, c, dim=1, largest=False, sorted=False)
+        picked = idx, vals.amax(1)
+    idx, cth = picked
     order_idx, order_d = exact_order(emb, bank, idx, n_spaces, k_max)
     if c < n:  # near ties at the candidates' edge: float32 rounding could hide a true neighbour beyond them
-        # a point j outside the candidates has float32 distance ≥ vals[c−1], so exact distance ≥ vals[c−1] − Δ;
+        # a point j outside the candidates has float32 distance ≥ cth, so exact distance ≥ cth − Δ;
         # the k-th candidate's exact distance bounds the true k-th from above (k real points lie within it):
         # when the first lies strictly above the second, j is neither nearer nor tied, so it is not a neighbour
         kth = order_d[:, k_max - 1]  # the largest k's: a superset of every smaller k's reach
-        bound = float32_error_bound(emb, bank, n_spaces).to(vals.device)
-        wide = within_reach(vals[:, c - 1], kth, bound).nonzero().squeeze(1)
+        bound = float32_error_bound(emb, bank, n_spaces).to(cth.device)
+        wide = within_reach(cth, kth, bound).nonzero().squeeze(1)
         if len(wide):
             # such a row: every true neighbour j has exact distance ≤ kth, so its float32 distance minus its own
             # error bound (each point's norm, not the bank's largest) is ≤ kth; the exact order over just those
             # columns (in index order, sorted stably) is the exact rule's
-            row_terms, col_terms = (t.to(vals.device) for t in float32_error_terms(emb[wide], bank, n_spaces))
+            row_terms, col_terms = (t.to(cth.device) for t in float32_error_terms(emb[wide], bank, n_spaces))
             for s in range(0, len(wide), ROWS_F64):
                 rs = wide[s:s + ROWS_F64]
                 own = torch.minimum(bound[rs, None], row_terms[s:s + ROWS_F64, None] + col_terms)
@@ -129,6 +137,21 @@ def _exact_chunk(emb: torch.Tensor, bank: torch.Tensor, n_spaces: int, k_max: in
         scanned = pairwise_distance(emb[left], bank, n_spaces, workspace=workspace)
         order_idx[left], order_d[left] = _refine(emb[left], bank, scanned, n_spaces, k_max)
     return order_idx, order_d
+
+
+KEPT_SCAN_BYTES = 1 << 29  # the scan's buffers kept between votes up to this size (FULL's chunk: 150 MB)
+_SCAN = threading.local()
+
+
+def _scan_workspace(device: torch.device) -> list:
+    """The float32 scan's buffers: on the CPU kept between calls (per thread), since a fresh 100 MB buffer is mapped
+    by the OS page by page on its first write, a sixth of a vote's time on FULL's bank at 250 points; on a GPU the
+    caching allocator keeps them already."""
+    if device.type != "cpu":
+        return []
+    if not hasattr(_SCAN, "buffers"):
+        _SCAN.buffers = []
+    return _SCAN.buffers
 
 
 def _select_exact(dist: torch.Tensor, k: int) -> torch.Tensor:
@@ -215,7 +238,7 @@ def knn_votes_for_ks(emb: torch.Tensor, train_emb: torch.Tensor, train_labels: t
     if screen and (method != "exact" or n_spaces != 1):
         raise ValueError("the projection screen needs method='exact' and one space (n_spaces=1)")
     parts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {k: [] for k in ks}
-    workspace: list = []  # the chunks' N×M buffers, allocated once
+    workspace = _scan_workspace(emb.device)  # the chunks' N×M buffers
     with torch.no_grad():
         for start in range(0, len(emb), chunk):
             rows = emb[start:start + chunk]
@@ -228,6 +251,8 @@ def knn_votes_for_ks(emb: torch.Tensor, train_emb: torch.Tensor, train_labels: t
                 part = pairwise_distance(rows, train_emb, n_spaces, workspace=workspace)
                 for k in ks:
                     parts[k].append(_vote_chunk(part, train_labels, k, n_classes, method))
+    if sum(t.numel() * t.element_size() for t in workspace) > KEPT_SCAN_BYTES:
+        workspace.clear()
     if not len(emb):
         return {k: (torch.zeros(0, n_classes, dtype=torch.long, device=emb.device),
                     torch.zeros(0, n_classes, dtype=torch.float64, device=emb.device)) for k in ks}
