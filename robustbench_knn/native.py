@@ -132,6 +132,11 @@ def _on_threads(run, ranges: list[tuple[int, int]]) -> list[int]:  # noqa: ANN00
     return [run(ranges[0])] if ranges[0][1] > ranges[0][0] else []
 
 
+def _row_ptr(t: torch.Tensor | None, row: int) -> int | None:
+    """The address of ``row`` of a 2-d tensor whose rows are contiguous (None for None: a NULL argument)."""
+    return None if t is None else t.data_ptr() + row * t.stride(0) * t.element_size()
+
+
 def usable(emb: torch.Tensor, n_spaces: int) -> bool:
     """Whether the kernel takes this batch: float32 on the CPU, at most 16 sub-spaces and 128 dimensions (wider
     embeddings are matmul-bound: the BLAS path is the faster one there), the kernel allowed, compiled and loaded."""
@@ -158,15 +163,12 @@ def potential_sums(emb: torch.Tensor, bank_t: torch.Tensor, bank_sq: torch.Tenso
     q_rows = a.new_zeros(n, n_spaces) if near is not None else None
     qb = a.new_zeros(n, width) if near is not None else None
 
-    def ptr(t: torch.Tensor | None, row: int) -> int | None:
-        return None if t is None else t.data_ptr() + row * t.shape[1] * t.element_size()
-
     def run(rows: tuple[int, int]) -> int:
         u0, u1 = rows
-        return lib.potential_sums(u1 - u0, n_spaces, width // n_spaces, ptr(a, u0), width, ptr(na, u0),
+        return lib.potential_sums(u1 - u0, n_spaces, width // n_spaces, _row_ptr(a, u0), width, _row_ptr(na, u0),
                                   bank_t.data_ptr(), bank_sq.data_ptr(), bank_t.shape[1], n_classes, seg.data_ptr(),
-                                  lam, c0, ptr(near, u0), ptr(far, u0), ptr(e_sum, u0), ptr(below, u0),
-                                  ptr(q_rows, u0), ptr(qb, u0))
+                                  lam, c0, _row_ptr(near, u0), _row_ptr(far, u0), _row_ptr(e_sum, u0),
+                                  _row_ptr(below, u0), _row_ptr(q_rows, u0), _row_ptr(qb, u0))
 
     status = _on_threads(run, _row_ranges(n, 4))  # 4 rows share the bank's loads: no thread with fewer
     if any(status):
@@ -192,8 +194,8 @@ def smallest_candidates(dist: torch.Tensor, c: int) -> tuple[torch.Tensor, torch
 
     def run(part: tuple[int, int]) -> int:
         u0, u1 = part
-        return KERNEL.lib.smallest_candidates(d.data_ptr() + u0 * d.stride(0) * 4, u1 - u0, m, d.stride(0), c,
-                                              idx.data_ptr() + u0 * c * 8, kth.data_ptr() + u0 * 4)
+        return KERNEL.lib.smallest_candidates(_row_ptr(d, u0), u1 - u0, m, d.stride(0), c, _row_ptr(idx, u0),
+                                              kth.data_ptr() + u0 * kth.element_size())
 
     status = _on_threads(run, _row_ranges(rows, 1))
     if -2 in status:
